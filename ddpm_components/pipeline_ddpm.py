@@ -1,0 +1,819 @@
+"""``DDPMPipeline``: sampling, image-to-image, classifier-free guidance, saving and sharing for DDPM.
+
+This module is self-contained (it imports only torch, diffusers and the Python standard library) because
+:meth:`DDPMPipeline.save_pretrained` copies this very file next to the weights as remote code, so that a saved
+pipeline loads with ``DiffusionPipeline.from_pretrained(path_or_repo_id, trust_remote_code=True)`` where
+``ddpm_components`` is not installed.
+
+Sampling follows Ho et al. 2020 (arXiv 2006.11239), Algorithm 2: start from x_T ~ N(0, I) and apply the
+scheduler's reverse step x_t -> x_{t-1} for every timestep. With the same U-Net, scheduler and generator, the
+unconditional images equal those of diffusers' own ``DDPMPipeline``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from diffusers import (
+    ConfigMixin,
+    DiffusionPipeline,
+    ImagePipelineOutput,
+    ModelMixin,
+    SchedulerMixin,
+)
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import make_image_grid
+from diffusers.utils.torch_utils import randn_tensor
+
+logger = logging.getLogger(__name__)
+
+OutputType = Literal["pil", "np", "pt"]
+SaveLayout = Literal["auto", "remote_code", "diffusers"]
+
+#: libraries whose classes diffusers loads by name; components from anywhere else are saved as remote code
+_LIBRARY_PACKAGES = ("diffusers", "transformers")
+#: files the card refers to
+SAMPLE_GRID_NAME = "samples.png"
+TRAINING_CONFIG_NAME = "training_config.json"
+_CARD_TAGS = ["pytorch", "diffusers", "ddpm", "ddpm-components", "unconditional-image-generation"]
+# model-loading keywords forwarded to each component's from_pretrained by DDPMPipeline.from_pretrained
+_MODEL_LOAD_KWARGS = ("torch_dtype", "variant", "use_safetensors", "low_cpu_mem_usage", "device_map")
+_DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
+
+
+class HubError(RuntimeError):
+    """A Hub operation (create, upload, download) failed; the message says why and what to do."""
+
+
+def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """Raise a ValueError naming ``value`` and the allowed ``choices`` when ``value`` is not one of them."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+# ------------------------------------------------------------------------------------------ the pipeline
+class DDPMPipeline(DiffusionPipeline):
+    """Pipeline for DDPM image generation (Ho et al. 2020) with image-to-image and classifier-free guidance.
+
+    Args:
+        unet: the noise-prediction network: ``ddpm_components.DDPMUNet2DModel`` or diffusers'
+            ``UNet2DModel`` (any ``ModelMixin`` with ``forward(sample, timestep, class_labels=None)``
+            returning ``.sample``).
+        scheduler: ``ddpm_components.DDPMScheduler`` or any diffusers scheduler whose ``step`` takes
+            ``generator`` (``DDPMScheduler``, ``DDIMScheduler``, ...).
+
+    Saving writes a folder that loads anywhere (see :meth:`save_pretrained`); :meth:`push_to_hub` shares it.
+    """
+
+    model_cpu_offload_seq = "unet"
+    _optional_components: list[str] = []  # noqa: RUF012 - diffusers reads this class attribute
+    _callback_tensor_inputs: list[str] = ["latents"]  # noqa: RUF012
+
+    def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    # -------------------------------------------------------------------------------- properties
+    @property
+    def guidance_scale(self) -> float:
+        """The classifier-free guidance scale of the current (or last) call."""
+        return getattr(self, "_guidance_scale", 1.0)
+
+    @property
+    def num_timesteps(self) -> int:
+        """How many denoising steps the current (or last) call runs."""
+        return getattr(self, "_num_timesteps", 0)
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` from a step-end callback to stop sampling after that step."""
+        return getattr(self, "_interrupt", False)
+
+    def _sample_shape(self) -> tuple[int, int, int]:
+        config = self.unet.config
+        size = config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return config.in_channels, height, width
+
+    def _class_info(self) -> tuple[bool, int | None, int | None]:
+        """``(is_class_conditional, number_of_classes, null_class_label)`` of the U-Net."""
+        config = self.unet.config
+        num_classes = getattr(config, "num_class_embeds", None)
+        conditional = num_classes is not None or getattr(config, "class_embed_type", None) is not None
+        null_label = getattr(self.unet, "null_class_label", None)
+        return conditional, num_classes, null_label
+
+    # ------------------------------------------------------------------------------ validation
+    def _prepare_class_labels(
+        self, class_labels: Any, batch_size: int, guidance_scale: float, device: torch.device
+    ) -> torch.Tensor | None:
+        conditional, num_classes, null_label = self._class_info()
+        guided = guidance_scale != 1.0
+        if class_labels is None:
+            if guided:
+                raise ValueError(
+                    f"guidance_scale={guidance_scale} needs class_labels (classifier-free guidance steers towards "
+                    "a class); pass class_labels or use guidance_scale=1.0"
+                )
+            if not conditional:
+                return None
+            if null_label is None:
+                raise ValueError(
+                    "this U-Net is class-conditional and has no null class: pass class_labels "
+                    f"(integers in [0, {num_classes}))"
+                    if num_classes is not None
+                    else "pass class_labels"
+                )
+            return torch.full((batch_size,), null_label, dtype=torch.long, device=device)
+        if not conditional:
+            raise ValueError(
+                "class_labels were given but this U-Net is unconditional (its config has num_class_embeds=None); "
+                "pass class_labels=None"
+            )
+        labels = torch.as_tensor(class_labels, device=device)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"class_labels must be integers, got dtype {labels.dtype}")
+        labels = labels.long().reshape(-1)
+        if labels.numel() == 1:
+            labels = labels.expand(batch_size)
+        if labels.numel() != batch_size:
+            raise ValueError(
+                f"class_labels must be one label or one per image ({batch_size}); got {labels.numel()} labels"
+            )
+        if num_classes is not None:
+            upper = num_classes if null_label is None else max(num_classes, null_label + 1)
+            bad = labels[(labels < 0) | (labels >= upper)]
+            if bad.numel() > 0:
+                allowed = f"0..{num_classes - 1}" + (
+                    f" (or {null_label}, the null class)" if null_label is not None else ""
+                )
+                raise ValueError(
+                    f"class label {int(bad[0])} is out of range: this U-Net knows classes {allowed}"
+                )
+        if guided and null_label is None:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs a U-Net with a null class (use_null_class_embed=True, "
+                "trained with label dropout); this U-Net has none, so only guidance_scale=1.0 is allowed"
+            )
+        return labels
+
+    def _prepare_image(
+        self, image: Any, batch_size: int, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        channels, height, width = self._sample_shape()
+        processor = VaeImageProcessor(
+            do_resize=False,
+            vae_scale_factor=1,
+            vae_latent_channels=0,  # never mistake an image tensor for latents
+            do_normalize=True,
+            do_convert_rgb=channels == 3,
+            do_convert_grayscale=channels == 1,
+        )
+        try:
+            pixels = processor.preprocess(image)
+        except ValueError as error:
+            raise ValueError(
+                f"image must be a PIL image, a numpy array or a torch tensor (or a list of them): {error}"
+            ) from error
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (channels, height, width):
+            raise ValueError(
+                f"image has shape {tuple(pixels.shape[1:])} (channels, height, width) after preprocessing; this "
+                f"U-Net needs ({channels}, {height}, {width}): resize the image to {height}x{width} and use "
+                f"{'greyscale' if channels == 1 else f'{channels}-channel'} images"
+            )
+        if pixels.shape[0] == 1 and batch_size > 1:
+            pixels = pixels.expand(batch_size, -1, -1, -1)
+        elif batch_size not in (1, pixels.shape[0]):
+            raise ValueError(
+                f"got {pixels.shape[0]} images and batch_size={batch_size}: pass one image (repeated batch_size "
+                "times) or batch_size equal to the number of images"
+            )
+        return pixels.to(device=device, dtype=dtype)
+
+    def _set_timesteps(
+        self, num_inference_steps: int, timesteps: list[int] | None, device: torch.device
+    ) -> None:
+        parameters = inspect.signature(self.scheduler.set_timesteps).parameters
+        device_kwargs = {"device": device} if "device" in parameters else {}
+        if timesteps is not None:
+            if "timesteps" not in parameters:
+                raise ValueError(
+                    f"{type(self.scheduler).__name__}.set_timesteps does not accept custom timesteps; "
+                    "pass num_inference_steps instead"
+                )
+            self.scheduler.set_timesteps(timesteps=list(timesteps), **device_kwargs)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, **device_kwargs)
+
+    # ----------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 1000,
+        timesteps: list[int] | None = None,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        image: Any = None,
+        strength: float = 1.0,
+        output_type: OutputType = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate images by running the reverse diffusion process.
+
+        Args:
+            batch_size: how many images (with ``image``: one image is repeated ``batch_size`` times; several
+                images make the batch themselves).
+            generator: a ``torch.Generator`` or one per image, for reproducible sampling.
+            num_inference_steps: number of denoising steps (1000 reproduces the DDPM paper).
+            timesteps: custom descending timesteps (for schedulers whose ``set_timesteps`` takes them);
+                overrides ``num_inference_steps``.
+            class_labels: one label or one per image, for class-conditional U-Nets. ``None`` on a
+                class-conditional U-Net with a null class samples unconditionally.
+            guidance_scale: classifier-free guidance weight g: ε = ε_uncond + g (ε_cond − ε_uncond); 1.0 turns it
+                off. Needs a U-Net with a null class (``unet.null_class_label``). With learned variance only the
+                first C output channels (the mean part) are guided; the conditional variance channels are kept.
+            image: image-to-image (SDEdit): PIL image(s), numpy array(s) in [0, 1] or tensor(s) in [0, 1] or
+                [-1, 1] (the conventions of diffusers' ``VaeImageProcessor``), at the U-Net's size and channels.
+            strength: with ``image``, in (0, 1]: the fraction of the denoising schedule to run. The image is noised
+                with ``scheduler.add_noise`` to the first kept timestep and denoised from there; 1.0 starts from
+                (almost) pure noise.
+            output_type: ``"pil"``, ``"np"`` (``(N, H, W, C)`` in [0, 1]) or ``"pt"`` (``(N, C, H, W)`` in [0, 1]).
+            return_dict: return an ``ImagePipelineOutput`` (else a tuple).
+            callback_on_step_end: ``callback(pipe, step_index, timestep, callback_kwargs) -> dict`` called after
+                every step (diffusers' convention); returned tensors (e.g. ``"latents"``) replace the current ones.
+            callback_on_step_end_tensor_inputs: names passed in ``callback_kwargs`` (default ``["latents"]``).
+
+        Returns:
+            ``ImagePipelineOutput(images=...)`` or ``(images,)``.
+        """
+        _check_choice("output_type", output_type, get_args(OutputType))
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if timesteps is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        if image is not None and not 0.0 < strength <= 1.0:
+            raise ValueError(
+                f"strength must be in (0, 1] (the fraction of the schedule to run), got {strength}"
+            )
+        if image is None and strength != 1.0:
+            raise ValueError(f"strength={strength} only applies to image-to-image: pass image= as well")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = ["latents"]
+        unknown = [
+            name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs
+        ]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {unknown} are not available; choose from {self._callback_tensor_inputs}"
+            )
+
+        device = self._execution_device
+        dtype = self.unet.dtype
+        init_image = None
+        if image is not None:
+            init_image = self._prepare_image(image, batch_size, device, dtype)
+            batch_size = init_image.shape[0]
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"got {len(generator)} generators for {batch_size} images: pass one per image or one"
+            )
+        labels = self._prepare_class_labels(class_labels, batch_size, guidance_scale, device)
+        guided = guidance_scale != 1.0
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
+
+        # timesteps (all of them, or the last `strength` part for image-to-image)
+        self._set_timesteps(num_inference_steps, timesteps, device)
+        schedule = self.scheduler.timesteps
+        if init_image is not None:
+            order = getattr(self.scheduler, "order", 1)
+            num_steps = len(schedule) // order
+            kept = min(int(num_steps * strength), num_steps)
+            if kept < 1:
+                raise ValueError(
+                    f"strength={strength} with {num_steps} inference steps keeps no denoising step: raise strength "
+                    f"to at least {1 / num_steps:.3g} or use more steps"
+                )
+            start = (num_steps - kept) * order
+            schedule = schedule[start:]
+            if hasattr(self.scheduler, "set_begin_index"):
+                self.scheduler.set_begin_index(start)
+
+        # x_T ~ N(0, I), drawn exactly as diffusers' DDPMPipeline draws it
+        shape = (batch_size, *self._sample_shape())
+        if device.type == "mps":  # randn is not reproducible on mps
+            noise = randn_tensor(shape, generator=generator, dtype=dtype).to(device)
+        else:
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        if init_image is not None:
+            latents = self.scheduler.add_noise(init_image, noise, schedule[:1].repeat(batch_size))
+        else:
+            latents = noise * getattr(self.scheduler, "init_noise_sigma", 1.0)
+
+        step_parameters = inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {"generator": generator} if "generator" in step_parameters else {}
+        self._num_timesteps = len(schedule)
+
+        for i, t in enumerate(self.progress_bar(schedule)):
+            if self.interrupt:
+                break
+            model_input = self.scheduler.scale_model_input(latents, t)
+            if guided:
+                model_input = torch.cat([model_input, model_input])
+                null = torch.full_like(labels, self._class_info()[2])
+                output = self.unet(model_input, t, class_labels=torch.cat([null, labels])).sample
+                uncond, cond = output.chunk(2)
+                channels = latents.shape[1]
+                guided_eps = uncond[:, :channels] + guidance_scale * (
+                    cond[:, :channels] - uncond[:, :channels]
+                )
+                model_output = torch.cat([guided_eps, cond[:, channels:]], dim=1)
+            elif labels is not None:
+                model_output = self.unet(model_input, t, class_labels=labels).sample
+            else:
+                model_output = self.unet(model_input, t).sample
+            latents = self.scheduler.step(model_output, t, latents, **step_kwargs, return_dict=False)[0]
+
+            if callback_on_step_end is not None:
+                scope = {"latents": latents}
+                callback_kwargs = {name: scope[name] for name in callback_on_step_end_tensor_inputs}
+                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                latents = callback_outputs.pop("latents", latents)
+
+        images = VaeImageProcessor(do_resize=False, vae_scale_factor=1).postprocess(
+            latents, output_type=output_type
+        )
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    # ------------------------------------------------------------------------------------- saving
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        *,
+        training_config: dict | None = None,
+        layout: SaveLayout = "auto",
+        sample_grid: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Save the pipeline to a folder, atomically, in a layout that loads where ddpm-components is absent.
+
+        With ``layout="auto"`` (default), a pipeline holding any non-diffusers component (our U-Net or
+        scheduler) is saved in the remote-code layout: ``model_index.json`` names the pipeline and those
+        components by module file (``"_class_name": ["pipeline_ddpm", "DDPMPipeline"]``,
+        ``"unet": ["unet_ddpm", "DDPMUNet2DModel"]``), this file is copied to the folder root and each
+        component's module file next to its weights. Such a folder loads with
+        ``DiffusionPipeline.from_pretrained(path, trust_remote_code=True)`` anywhere and with
+        ``ddpm_components.DDPMPipeline.from_pretrained(path)`` where the package is installed. A pipeline of only
+        diffusers components is saved as a plain diffusers folder (``"_class_name": "DDPMPipeline"``), which
+        ``DiffusionPipeline.from_pretrained(path)`` loads as diffusers' own ``DDPMPipeline`` (same unconditional
+        images) and ``ddpm_components.DDPMPipeline.from_pretrained(path)`` as this class.
+        ``layout="remote_code"`` forces the remote-code layout, ``"diffusers"`` writes what plain diffusers writes.
+
+        The folder is written beside the target and renamed into place: a crash never leaves a half-written
+        pipeline. Top-level files of an existing target that the new save does not write are kept.
+
+        Args:
+            save_directory: the target folder.
+            safe_serialization, variant, max_shard_size: as in diffusers (safetensors by default).
+            push_to_hub: also push to the Hub (``repo_id=`` and :meth:`push_to_hub`'s keywords in ``kwargs``).
+            training_config: the training configuration, written to ``training_config.json`` and the model card.
+            layout: ``"auto"``, ``"remote_code"`` or ``"diffusers"`` (see above).
+            sample_grid: an optional PIL image saved as ``samples.png`` and shown in the model card.
+        """
+        _check_choice("layout", layout, get_args(SaveLayout))
+        target = Path(save_directory)
+        with _atomic_directory(target) as folder:
+            super().save_pretrained(
+                folder,
+                safe_serialization=safe_serialization,
+                variant=variant,
+                max_shard_size=max_shard_size,
+            )
+            remote = layout == "remote_code" or (layout == "auto" and self._has_custom_components())
+            if remote:
+                self._write_remote_code_layout(folder)
+            if training_config is not None:
+                _write_text(
+                    folder / TRAINING_CONFIG_NAME, json.dumps(training_config, indent=2, default=str) + "\n"
+                )
+            if sample_grid is not None:
+                sample_grid.save(folder / SAMPLE_GRID_NAME, format="PNG")
+            card = self._model_card(
+                repo_id=kwargs.get("repo_id") or target.name,
+                remote_code=remote,
+                training_config=training_config,
+                has_grid=sample_grid is not None,
+            )
+            _write_text(folder / "README.md", card)
+        if push_to_hub:
+            repo_id = kwargs.pop("repo_id", target.name)
+            self.push_to_hub(
+                repo_id, training_config=training_config, layout=layout, sample_grid=sample_grid, **kwargs
+            )
+
+    def _components_to_save(self) -> dict[str, Any]:
+        return {
+            name: getattr(component, "_orig_mod", component)  # unwrap torch.compile
+            for name, component in self.components.items()
+            if component is not None
+        }
+
+    def _has_custom_components(self) -> bool:
+        return any(not _is_library_class(type(c)) for c in self._components_to_save().values())
+
+    def _write_remote_code_layout(self, folder: Path) -> None:
+        """Copy module files next to the weights and point ``model_index.json`` at them."""
+        index_path = folder / "model_index.json"
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        pipeline_file = _module_file(type(self))
+        shutil.copyfile(pipeline_file, folder / pipeline_file.name)
+        index["_class_name"] = [pipeline_file.stem, type(self).__name__]
+        for name, component in self._components_to_save().items():
+            component_class = type(component)
+            if _is_library_class(component_class):
+                continue
+            module_file = _module_file(component_class)
+            shutil.copyfile(module_file, folder / name / module_file.name)
+            index[name] = [module_file.stem, component_class.__name__]
+        _write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    # -------------------------------------------------------------------------------- model card
+    def _model_card(
+        self, repo_id: str, remote_code: bool, training_config: dict | None, has_grid: bool
+    ) -> str:
+        """The model card (README.md): YAML metadata, samples, how to load, the model and training setup."""
+        from diffusers.utils.hub_utils import ModelCardData
+
+        conditional, num_classes, null_label = self._class_info()
+        tags = list(_CARD_TAGS) + (["class-conditional"] if conditional else [])
+        data = ModelCardData(
+            library_name="diffusers", pipeline_tag="unconditional-image-generation", tags=tags
+        )
+        unet, scheduler = self.unet, self.scheduler
+        channels, height, width = self._sample_shape()
+        parameters = sum(p.numel() for p in unet.parameters()) if isinstance(unet, torch.nn.Module) else None
+        trust = ", trust_remote_code=True" if remote_code else ""
+        call = (
+            "pipe(num_inference_steps=1000, class_labels=[0]).images[0]"
+            if conditional and null_label is None
+            else ("pipe(num_inference_steps=1000).images[0]")
+        )
+        lines = [
+            f"# {repo_id.split('/')[-1]}",
+            "",
+            "A Denoising Diffusion Probabilistic Model (DDPM, [Ho et al. 2020](https://arxiv.org/abs/2006.11239)) "
+            "made with ddpm-components for 🧨 diffusers.",
+            "",
+        ]
+        if has_grid:
+            lines += [f"![samples]({SAMPLE_GRID_NAME})", ""]
+        lines += [
+            "## How to use",
+            "",
+            "```python",
+            "from diffusers import DiffusionPipeline",
+            f'pipe = DiffusionPipeline.from_pretrained("{repo_id}"{trust})',
+            f"image = {call}",
+            "```",
+            "",
+        ]
+        if remote_code:
+            lines += [
+                "`trust_remote_code=True` runs the Python files stored in this repository (the pipeline and "
+                "its custom components); read them first. Where ddpm-components is "
+                f'installed, `ddpm_components.DDPMPipeline.from_pretrained("{repo_id}")` uses the installed code instead.',
+                "",
+            ]
+        lines += ["## Model", "", "| | |", "|---|---|"]
+        lines.append(
+            f"| U-Net | `{type(unet).__name__}`"
+            + (f", {parameters / 1e6:.2f}M parameters |" if parameters else " |")
+        )
+        lines.append(f"| samples | {channels} × {height} × {width} |")
+        if conditional:
+            extra = f", null class {null_label} (classifier-free guidance)" if null_label is not None else ""
+            lines.append(f"| classes | {num_classes}{extra} |")
+        scheduler_config = getattr(scheduler, "config", {})
+        lines.append(f"| scheduler | `{type(scheduler).__name__}` |")
+        for key in (
+            "num_train_timesteps",
+            "beta_schedule",
+            "beta_start",
+            "beta_end",
+            "variance_type",
+            "prediction_type",
+        ):
+            if key in scheduler_config:
+                lines.append(f"| {key} | `{scheduler_config[key]}` |")
+        lines.append("")
+        if training_config is not None:
+            lines += [
+                "## Training configuration",
+                "",
+                "```json",
+                json.dumps(training_config, indent=2, default=str),
+                "```",
+                "",
+            ]
+        return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
+
+    # ----------------------------------------------------------------------------------- sharing
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        *,
+        training_config: dict | None = None,
+        layout: SaveLayout = "auto",
+        sample_grid: Any = None,
+        num_sample_images: int = 16,
+        sample_inference_steps: int | None = None,
+        sample_seed: int = 0,
+    ) -> str:
+        """Upload the pipeline (the :meth:`save_pretrained` layout) plus a model card to the Hub.
+
+        The repository is created first (so that a bad token or an unreachable Hub fails before any sampling),
+        then, unless ``sample_grid`` is given or ``num_sample_images=0``, ``num_sample_images`` images are sampled
+        with ``sample_inference_steps`` steps (default: min(100, num_train_timesteps)) and seed ``sample_seed``
+        for the card's grid. Files are written to a temporary folder: local files are never touched.
+
+        Returns:
+            The URL of the commit. Hub failures raise :class:`HubError` with a message that says what to do.
+        """
+        from diffusers.utils.hub_utils import create_repo, upload_folder
+
+        if num_sample_images < 0:
+            raise ValueError(f"num_sample_images must be >= 0, got {num_sample_images}")
+        try:
+            repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        except Exception as error:
+            _raise_hub_error(error, repo_id, "creating the repository")
+            raise
+        if sample_grid is None and num_sample_images > 0:
+            sample_grid = self._sample_grid(num_sample_images, sample_inference_steps, sample_seed)
+        with tempfile.TemporaryDirectory(prefix="ddpm-push-") as tmp:
+            folder = Path(tmp) / "pipeline"
+            self.save_pretrained(
+                folder,
+                safe_serialization=safe_serialization,
+                variant=variant,
+                training_config=training_config,
+                layout=layout,
+                sample_grid=sample_grid,
+                repo_id=repo_id,
+            )
+            try:
+                commit = upload_folder(
+                    repo_id=repo_id,
+                    folder_path=folder,
+                    token=token,
+                    commit_message=commit_message or "Upload DDPM pipeline (ddpm-components)",
+                    create_pr=create_pr,
+                )
+            except Exception as error:
+                _raise_hub_error(error, repo_id, "uploading")
+                raise
+        return str(getattr(commit, "commit_url", commit))
+
+    def _sample_grid(self, num_images: int, steps: int | None, seed: int) -> Any:
+        """Sample ``num_images`` images and arrange them in a near-square grid (a PIL image)."""
+        if steps is None:
+            steps = min(100, int(getattr(self.scheduler.config, "num_train_timesteps", 1000)))
+        conditional, num_classes, null_label = self._class_info()
+        labels = None
+        if conditional and null_label is None and num_classes:
+            labels = [i % num_classes for i in range(num_images)]
+        images = self(
+            batch_size=num_images,
+            generator=torch.Generator().manual_seed(seed),
+            num_inference_steps=steps,
+            class_labels=labels,
+        ).images
+        columns = next(c for c in range(int(num_images**0.5), num_images + 1) if num_images % c == 0)
+        columns = max(columns, num_images // columns)
+        return make_image_grid(images, rows=num_images // columns, cols=columns)
+
+    # ------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> DDPMPipeline:
+        """Load a pipeline from a folder or a Hub repo id.
+
+        Plain diffusers folders load through diffusers. Folders in the remote-code layout (see
+        :meth:`save_pretrained`) load without running their stored code when the component modules they name
+        are installed next to this module (``ddpm_components``); otherwise the stored component code is used,
+        which needs ``trust_remote_code=True``. Components passed as keywords (``scheduler=...``) are used as is.
+        """
+        source = str(pretrained_model_name_or_path)
+        folder = Path(source)
+        if not folder.is_dir():
+            if source.count("/") > 1 or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", source):
+                raise ValueError(
+                    f"{source!r} is neither an existing folder nor a Hub repo id ('namespace/name')"
+                )
+            download_kwargs = {k: kwargs[k] for k in _DOWNLOAD_KWARGS if k in kwargs}
+            index = _read_remote_index(source, download_kwargs)
+            if not isinstance(index.get("_class_name"), list):
+                return super().from_pretrained(source, **kwargs)
+            from diffusers.utils.hub_utils import snapshot_download
+
+            for key in _DOWNLOAD_KWARGS:
+                kwargs.pop(key, None)
+            try:
+                folder = Path(snapshot_download(source, **download_kwargs))
+            except Exception as error:
+                _raise_hub_error(error, source, "downloading")
+                raise
+        index_path = folder / "model_index.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{folder} has no model_index.json: it is not a saved pipeline folder")
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        if not isinstance(index.get("_class_name"), list):
+            return super().from_pretrained(str(folder), **kwargs)
+        return cls._from_remote_code_layout(folder, index, source, kwargs)
+
+    @classmethod
+    def _from_remote_code_layout(cls, folder: Path, index: dict, source: str, kwargs: dict) -> DDPMPipeline:
+        import diffusers
+
+        trust_remote_code = kwargs.pop("trust_remote_code", False)
+        model_kwargs = {k: kwargs.pop(k) for k in _MODEL_LOAD_KWARGS if k in kwargs}
+        expected = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        components = {name: kwargs.pop(name) for name in list(kwargs) if name in expected}
+        if kwargs:
+            logger.warning(
+                "keyword arguments %s are not used by %s.from_pretrained", sorted(kwargs), cls.__name__
+            )
+        package = cls.__module__.rpartition(".")[0]
+        for name in sorted(expected - set(components)):
+            entry = index.get(name)
+            if not isinstance(entry, list) or entry[0] is None:
+                raise ValueError(f"model_index.json in {folder} has no component {name!r}")
+            library, class_name = entry
+            component_class = None
+            if (folder / name / f"{library}.py").is_file():
+                if package:
+                    with contextlib.suppress(ImportError):
+                        module = __import__(f"{package}.{library}", fromlist=[class_name])
+                        component_class = getattr(module, class_name, None)
+                if component_class is None:
+                    from diffusers.utils.dynamic_modules_utils import get_class_from_dynamic_module
+
+                    component_class = get_class_from_dynamic_module(
+                        str(folder / name),
+                        module_file=f"{library}.py",
+                        class_name=class_name,
+                        trust_remote_code=trust_remote_code,
+                    )
+            else:
+                component_class = (
+                    getattr(diffusers, class_name, None) if library in _LIBRARY_PACKAGES else None
+                )
+                if component_class is None:
+                    raise ValueError(
+                        f"cannot load component {name!r} = {entry}: {folder / name / (library + '.py')} is missing"
+                    )
+            load_kwargs = model_kwargs if issubclass(component_class, ModelMixin) else {}
+            components[name] = component_class.from_pretrained(folder, subfolder=name, **load_kwargs)
+        pipeline = cls(**components)
+        pipeline.register_to_config(_name_or_path=source)
+        return pipeline
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _is_library_class(component_class: type) -> bool:
+    """True for classes that diffusers loads by name (diffusers' and transformers' own)."""
+    return component_class.__module__.split(".")[0] in _LIBRARY_PACKAGES
+
+
+def _module_file(component_class: type) -> Path:
+    """The source file that defines ``component_class`` (copied as remote code)."""
+    source = inspect.getsourcefile(component_class)
+    if source is None or not source.endswith(".py"):
+        raise ValueError(
+            f"cannot find the source file of {component_class.__module__}.{component_class.__name__} to save it "
+            "as remote code; use layout='diffusers'"
+        )
+    return Path(source)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically (temp file + os.replace)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a fresh folder beside ``target``; on success, rename it into place (keeping the old target's
+    other top-level entries); on failure remove it and leave ``target`` as it was."""
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"cannot save a pipeline to {target}: it exists and is not a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(target, backup)
+            try:
+                os.replace(staging, target)
+            except BaseException:
+                os.replace(backup, target)
+                raise
+            for entry in backup.iterdir():
+                if not (target / entry.name).exists():
+                    os.replace(entry, target / entry.name)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _read_remote_index(repo_id: str, download_kwargs: dict) -> dict:
+    """Download and parse a Hub repository's model_index.json, turning Hub failures into HubError."""
+    from diffusers.utils.hub_utils import hf_hub_download
+
+    try:
+        path = hf_hub_download(repo_id, "model_index.json", **download_kwargs)
+    except Exception as error:
+        _raise_hub_error(error, repo_id, "downloading")
+        raise
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _raise_hub_error(error: Exception, repo_id: str, action: str) -> None:
+    """Raise a HubError (or ValueError) whose message says what went wrong and what to do, for Hub client errors;
+    return for other exceptions (the caller re-raises them)."""
+    from diffusers.utils import hub_utils
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    if isinstance(error, hub_utils.RepositoryNotFoundError) and status != 401:
+        message = (
+            f"repository {repo_id!r} was not found on {endpoint} (check the repo id; for a private repository "
+            "pass a token that can read it)"
+        )
+    elif status == 401 or isinstance(error, hub_utils.RepositoryNotFoundError):
+        message = (
+            f"the Hub at {endpoint} did not accept your credentials (HTTP 401): log in with `hf auth login`, set "
+            "HF_TOKEN, or pass a token with write access (token=... / --token)"
+        )
+    elif status == 403:
+        message = (
+            f"permission denied (HTTP 403) for {repo_id!r}: your token cannot write to the namespace "
+            f"{repo_id.split('/')[0]!r}; use a token with write access or your own namespace"
+        )
+    elif status is not None:
+        message = f"the Hub answered HTTP {status}: {error}"
+    elif isinstance(error, (hub_utils.httpx.TransportError, ConnectionError, OSError)):
+        message = (
+            f"could not reach the Hub at {endpoint} ({type(error).__name__}: {error}); check your network "
+            "connection (and HF_ENDPOINT, if you set it)"
+        )
+    elif isinstance(error, hub_utils.HFValidationError):
+        raise ValueError(f"invalid repo id {repo_id!r}: {error}") from error
+    else:
+        return
+    raise HubError(f"{action} {repo_id!r} failed: {message}") from error
+
+
+# diffusers looks these names up on a component's module; keep them referenced
+__all__ = ["ConfigMixin", "DDPMPipeline", "HubError", "ModelMixin", "SchedulerMixin"]
