@@ -404,8 +404,11 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
                 kept = [i * ratio + self.config.steps_offset for i in range(n)][::-1]
             else:  # trailing, as np.round(np.arange(T, 0, -T/n)) - 1
                 ratio = num_train / n
+                delta = (num_train - ratio) - num_train  # numpy's arange fills start + i * (x_1 - x_0)
                 length = math.ceil(num_train / ratio)
-                kept = [round(num_train - i * ratio) - 1 for i in range(length)]
+                # numpy's float arange sometimes yields one extra value, -1, which diffusers keeps (it then
+                # indexes ᾱ[-1]); keep exactly n timesteps.
+                kept = [round(num_train + i * delta) - 1 for i in range(length)][:n]
             if kept[0] >= num_train or kept[-1] < 0:
                 raise ValueError(
                     f"timestep_spacing={spacing!r} with steps_offset={self.config.steps_offset} and "
