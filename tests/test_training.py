@@ -1,0 +1,339 @@
+"""Training: configuration ↔ command line, the objectives, and tiny end-to-end runs (output layout, EMA,
+checkpoint rotation, determinism of stop + resume, gradient accumulation)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ddpm_components.cli import build_parser, main
+from ddpm_components.scheduling_ddpm import DDPMScheduler
+from ddpm_components.training import TrainingConfig, list_checkpoints, train, training_loss
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+# a 2-level, 8-channel U-Net on 8x8 digits: a training step takes milliseconds
+TINY = dict(
+    block_out_channels="8,16",
+    layers_per_block=1,
+    train_batch_size=16,
+    num_inference_steps=2,
+    samples_per_class=1,
+    num_samples=4,
+    lr_warmup_steps=0,
+    logging_steps=1,
+    lr_scheduler="constant",
+    num_train_timesteps=50,
+)
+
+
+def tiny_config(output_dir: Path, **overrides) -> TrainingConfig:
+    return TrainingConfig(output_dir=str(output_dir), **{**TINY, **overrides})
+
+
+# ----------------------------------------------------------------------------------- configuration and CLI
+def test_every_field_is_a_flag_with_the_same_default():
+    parser = build_parser()
+    args = parser.parse_args(["train"])
+    train_parser = parser._subparsers._group_actions[0].choices["train"]
+    flags = {option for action in train_parser._actions for option in action.option_strings}
+    defaults = TrainingConfig()
+    for item in dataclasses.fields(TrainingConfig):
+        assert "--" + item.name.replace("_", "-") in flags, item.name
+        assert getattr(args, item.name) == getattr(defaults, item.name), item.name
+    for required in [
+        "--output-dir",
+        "--train-data-dir",
+        "--resolution",
+        "--train-batch-size",
+        "--max-train-steps",
+        "--learning-rate",
+        "--seed",
+        "--mixed-precision",
+        "--checkpointing-steps",
+        "--resume",
+        "--push-to-hub",
+        "--hub-model-id",
+    ]:
+        assert required in flags, required
+
+
+def test_flags_parse_to_typed_config_values():
+    args = build_parser().parse_args(
+        [
+            *("train", "--resolution", "16", "--learning-rate", "3e-4", "--no-use-ema", "--learned-variance"),
+            *("--prediction-type", "v_prediction", "--resume", "latest", "--block-out-channels", "8,16"),
+        ]
+    )
+    config = TrainingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingConfig)})
+    assert config.resolution == 16 and config.learning_rate == 3e-4
+    assert config.use_ema is False and config.learned_variance is True
+    assert config.prediction_type == "v_prediction" and config.resume == "latest"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"prediction_type": "noise"},
+            "prediction_type must be one of 'epsilon', 'sample', 'v_prediction', got 'noise'",
+        ),
+        ({"mixed_precision": "fp8"}, "mixed_precision must be one of 'no', 'fp16', 'bf16', got 'fp8'"),
+        ({"loss_weighting": "snr"}, "loss_weighting must be one of 'uniform', 'min_snr', got 'snr'"),
+        ({"train_batch_size": 0}, "train_batch_size must be a positive integer, got 0"),
+        ({"label_dropout": 1.0}, "label_dropout must be in"),
+        ({"block_out_channels": "8,x"}, "comma-separated integers"),
+        ({"push_to_hub": True}, "hub_model_id"),
+    ],
+)
+def test_invalid_values_raise_value_error_naming_them(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainingConfig(**overrides)
+
+
+def test_cli_reports_invalid_option_with_exit_code_2(capsys):
+    assert main(["train", "--lr-scheduler", "sometimes"]) == 2
+    error = capsys.readouterr().err
+    assert "lr_scheduler must be one of" in error and "'sometimes'" in error
+
+
+def test_config_round_trips_through_dict():
+    config = TrainingConfig(learning_rate=1e-4, resume="latest")
+    assert TrainingConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainingConfig.from_dict({"learning_rat": 1.0})
+
+
+# -------------------------------------------------------------------------------------------- objectives
+class _Recorder(torch.nn.Module):
+    """A stand-in U-Net: output = a learnable tensor (broadcast); records its inputs."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.output = torch.nn.Parameter(torch.randn(1, channels, 4, 4))
+        self.calls: list[dict] = []
+
+    def forward(self, sample, timestep, class_labels=None, return_dict=True):
+        self.calls.append({"sample": sample, "timestep": timestep, "class_labels": class_labels})
+        return (self.output.expand(sample.shape[0], -1, -1, -1),)
+
+
+def _draws(generator_seed: int, shape, num_train_timesteps: int):
+    generator = torch.Generator().manual_seed(generator_seed)
+    timesteps = torch.randint(0, num_train_timesteps, (shape[0],), generator=generator)
+    noise = torch.randn(shape, generator=generator)
+    return timesteps, noise
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_simple_loss_matches_diffusers_forward_process(prediction_type):
+    from diffusers import DDPMScheduler as DiffusersDDPMScheduler
+
+    x0 = torch.rand(6, 2, 4, 4) * 2 - 1
+    config = TrainingConfig(prediction_type=prediction_type)
+    scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type)
+    model = _Recorder(2)
+    loss = training_loss(model, scheduler, x0, config, generator=torch.Generator().manual_seed(3))
+
+    oracle = DiffusersDDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type)
+    timesteps, noise = _draws(3, x0.shape, 100)
+    noisy = oracle.add_noise(x0, noise, timesteps)
+    torch.testing.assert_close(model.calls[0]["sample"], noisy, atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.calls[0]["timestep"], timesteps)
+    target = {"epsilon": noise, "sample": x0, "v_prediction": oracle.get_velocity(x0, noise, timesteps)}
+    expected = ((model.output - target[prediction_type]) ** 2).mean()
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_min_snr_weights_the_per_sample_mse():
+    x0 = torch.rand(8, 1, 4, 4) * 2 - 1
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    model = _Recorder(1)
+    config = TrainingConfig(loss_weighting="min_snr", snr_gamma=2.0)
+    loss = training_loss(model, scheduler, x0, config, generator=torch.Generator().manual_seed(1))
+    timesteps, noise = _draws(1, x0.shape, 100)
+    alphas_cumprod = scheduler.alphas_cumprod[timesteps].double()
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    weights = snr.clamp(max=2.0) / snr  # Hang et al. 2023 for epsilon prediction
+    per_sample = ((model.output - noise) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(loss, (weights.float() * per_sample).mean(), atol=1e-5, rtol=1e-4)
+    assert float(weights.min()) < 0.5  # the weighting is active in this draw
+
+
+def test_hybrid_loss_vlb_gradient_reaches_only_the_variance_channels():
+    x0 = torch.rand(4, 1, 4, 4) * 2 - 1
+    scheduler = DDPMScheduler(num_train_timesteps=100, variance_type="learned_range")
+    hybrid_config = TrainingConfig(learned_variance=True, vlb_weight=0.001)
+    simple_config = TrainingConfig(learned_variance=True, vlb_weight=0.0)
+    grads = {}
+    for name, config in {"hybrid": hybrid_config, "simple": simple_config}.items():
+        torch.manual_seed(0)
+        model = _Recorder(2)
+        loss = training_loss(model, scheduler, x0, config, generator=torch.Generator().manual_seed(5))
+        loss.backward()
+        grads[name] = (loss.detach(), model.output.grad.clone())
+        output = model.output.detach().expand(4, -1, -1, -1)
+    # mean channel: the same gradient with and without the vlb term (stop-gradient on the mean)
+    torch.testing.assert_close(grads["hybrid"][1][:, :1], grads["simple"][1][:, :1], atol=1e-7, rtol=1e-6)
+    assert torch.count_nonzero(grads["simple"][1][:, 1:]) == 0
+    assert torch.count_nonzero(grads["hybrid"][1][:, 1:]) > 0
+    # the vlb term is vlb_weight * T * mean(L_t) in bits/dim
+    timesteps, noise = _draws(5, x0.shape, 100)
+    sample = scheduler.add_noise(x0, noise, timesteps)
+    vlb = scheduler.vlb_terms(output, x0, sample, timesteps)
+    torch.testing.assert_close(
+        grads["hybrid"][0] - grads["simple"][0], 0.001 * 100 * vlb.mean(), atol=1e-5, rtol=1e-4
+    )
+
+
+def test_label_dropout_replaces_labels_with_the_null_class():
+    x0 = torch.zeros(64, 1, 4, 4)
+    model = _Recorder(1)
+    labels = torch.arange(64) % 10
+    config = TrainingConfig(label_dropout=0.3)
+    training_loss(
+        model, DDPMScheduler(num_train_timesteps=10), x0, config, torch.Generator().manual_seed(0), labels, 10
+    )
+    seen = model.calls[0]["class_labels"]
+    dropped = seen == 10
+    assert 5 <= int(dropped.sum()) <= 35
+    assert torch.equal(seen[~dropped], labels[~dropped])
+
+
+# ------------------------------------------------------------------------------------------- end to end
+def _unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_tiny_training_run_writes_the_loadable_pipeline_and_records(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    output_dir = tmp_path / "run"
+    config = tiny_config(output_dir, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2)
+    summary = train(config)
+    assert summary["global_step"] == 4 and math.isfinite(summary["loss"])
+
+    # checkpoints: the newest two, complete, nothing temporary left
+    assert [path.name for path in list_checkpoints(output_dir)] == ["checkpoint-3", "checkpoint-4"]
+    assert not [p for p in output_dir.iterdir() if p.name.startswith(("tmp-", "deleting-"))]
+    for checkpoint in list_checkpoints(output_dir):
+        names = {p.name for p in checkpoint.iterdir()}
+        assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= names
+        assert {"custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"} <= names  # EMA, step counter
+
+    assert TrainingConfig.from_dict(json.loads((output_dir / "training_config.json").read_text())) == config
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["images_per_second"] > 0 and r["lr"] > 0 for r in records)
+    grid = Image.open(output_dir / "samples.png")
+    assert grid.size[0] > 0 and grid.size[1] == 10 * grid.size[0]  # one row per digit class, one column
+
+    index = json.loads((output_dir / "model_index.json").read_text())
+    assert index["unet"] == ["unet_ddpm", "DDPMUNet2DModel"]
+    assert (output_dir / "unet" / "unet_ddpm.py").exists() and (
+        output_dir / "scheduler" / "scheduling_ddpm.py"
+    ).exists()
+    pipeline = DiffusionPipeline.from_pretrained(str(output_dir), trust_remote_code=True)
+    assert pipeline.unet.config.num_class_embeds == 10 and tuple(pipeline.unet.config.block_out_channels) == (
+        8,
+        16,
+    )
+    images = pipeline(batch_size=2, num_inference_steps=2, class_labels=[3, 7], output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
+
+
+def test_saved_weights_are_the_ema_weights(tmp_path):
+    with_ema = train(tiny_config(tmp_path / "ema", max_train_steps=3, checkpointing_steps=0))
+    without = train(tiny_config(tmp_path / "raw", max_train_steps=3, checkpointing_steps=0, use_ema=False))
+    assert with_ema["global_step"] == without["global_step"] == 3
+    ema_weights, raw_weights = _unet_weights(tmp_path / "ema"), _unet_weights(tmp_path / "raw")
+    assert any(not torch.equal(ema_weights[k], raw_weights[k]) for k in raw_weights)
+
+
+def test_stop_and_resume_gives_the_same_weights_as_one_run(tmp_path):
+    # 1797 digits // 128 = 14 batches per epoch: the first part stops mid-epoch, the whole run crosses an epoch;
+    # dropout, warm-up and EMA are on, so every source of randomness and every piece of state is exercised
+    common = dict(
+        train_batch_size=128, model_dropout=0.1, lr_scheduler="constant_with_warmup", lr_warmup_steps=3
+    )
+    train(tiny_config(tmp_path / "whole", max_train_steps=18, checkpointing_steps=0, **common))
+    first = train(tiny_config(tmp_path / "parts", max_train_steps=8, checkpointing_steps=4, **common))
+    assert first["global_step"] == 8
+    resumed = train(
+        tiny_config(tmp_path / "parts", max_train_steps=18, checkpointing_steps=4, resume="latest", **common)
+    )
+    assert resumed["global_step"] == 18
+    one_run, two_runs = _unet_weights(tmp_path / "whole"), _unet_weights(tmp_path / "parts")
+    for name, tensor in one_run.items():
+        torch.testing.assert_close(two_runs[name], tensor, rtol=0, atol=0, msg=name)
+    # the metrics of the resumed run continue the first run's
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == list(range(1, 19))
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    summary = train(
+        tiny_config(tmp_path / "acc", max_train_steps=3, gradient_accumulation_steps=2, checkpointing_steps=0)
+    )
+    assert summary["global_step"] == 3
+    first = json.loads((tmp_path / "acc" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1
+
+
+def test_folder_data_learned_variance_v_prediction_min_snr(tmp_path):
+    rng = np.random.default_rng(0)
+    for label in ["circle", "square"]:
+        for index in range(6):
+            path = tmp_path / "images" / label / f"{index}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(path)
+    config = tiny_config(
+        tmp_path / "out",
+        train_data_dir=str(tmp_path / "images"),
+        resolution=8,
+        train_batch_size=4,
+        max_train_steps=3,
+        learned_variance=True,
+        prediction_type="v_prediction",
+        loss_weighting="min_snr",
+        random_flip=True,
+        crop="random",
+        checkpointing_steps=0,
+        samples_per_class=2,
+    )
+    summary = train(config)
+    assert summary["global_step"] == 3 and math.isfinite(summary["loss"])
+    unet_config = json.loads((tmp_path / "out" / "unet" / "config.json").read_text())
+    assert (
+        unet_config["in_channels"] == 3
+        and unet_config["out_channels"] == 6
+        and unet_config["num_class_embeds"] == 2
+    )
+    scheduler_config = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
+    assert (
+        scheduler_config["variance_type"] == "learned_range"
+        and scheduler_config["prediction_type"] == "v_prediction"
+    )
+
+
+def test_empty_data_folder_fails_before_training(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = main(["train", "--train-data-dir", str(tmp_path / "empty"), "--output-dir", str(tmp_path / "out")])
+    assert code == 2
+    assert "no image files" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(tiny_config(tmp_path / "out", resume=str(tmp_path / "checkpoint-7")))
