@@ -28,7 +28,16 @@ _EXPORTS = {
     "train": "training",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [
+    "DDPMPipeline",
+    "DDPMScheduler",
+    "DDPMSchedulerOutput",
+    "DDPMUNet2DModel",
+    "DDPMUNet2DOutput",
+    "TrainingConfig",
+    "__version__",
+    "train",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline_ddpm import DDPMPipeline
