@@ -141,6 +141,196 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- sample
+def _add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "sample",
+        help="sample images from a saved pipeline (a folder or a Hub repo id) into a PNG grid",
+        description=(
+            "Sample images from a saved DDPM pipeline and write them as one PNG grid (and optionally one PNG per "
+            "image). Folders saved by ddpm-components load with the installed code (no stored code runs); Hub "
+            "repos are downloaded first. Image-to-image (SDEdit): --init-image noises the image to the level "
+            "--strength and denoises it from there."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--model", required=True, help="a folder written by save_pretrained / `train`, or a Hub repo id (user/name)"
+    )
+    parser.add_argument("--num-images", type=_positive_int, default=16, help="how many images to sample")
+    parser.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=1000,
+        help="denoising steps (1000 = the DDPM paper; fewer is faster and rougher)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images")
+    parser.add_argument(
+        "--class-label",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="L",
+        help="class label(s) for a class-conditional model: one for all images or one per image "
+        "(default: unconditional, via the null class)",
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance weight g (eps = eps_uncond + g (eps_cond - eps_uncond)); 1 = off; needs "
+        "--class-label and a model trained with label dropout",
+    )
+    parser.add_argument(
+        "--init-image",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="image-to-image: start from this image (resized to the model's resolution) instead of pure noise",
+    )
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="with --init-image: the fraction of the schedule to run, in (0, 1]; small values stay close to the "
+        "image (default 0.5)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG grid")
+    parser.add_argument(
+        "--save-individual", type=Path, default=None, metavar="DIR", help="also write one PNG per image into DIR"
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow running component code stored with the model when it is not part of ddpm-components",
+    )
+    parser.set_defaults(func=_run_sample)
+
+
+def _save_png(image, path: Path) -> None:
+    """Write a PIL image as PNG atomically (temp file + os.replace)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    import math
+
+    import torch
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    from .hub import HubError, load_pipeline
+
+    if args.strength is not None and args.init_image is None:
+        raise ValueError("--strength only applies to image-to-image: pass --init-image FILE as well")
+    if args.init_image is not None and not args.init_image.is_file():
+        raise FileNotFoundError(f"--init-image {str(args.init_image)!r}: no such file")
+    if args.out.suffix.lower() != ".png":
+        raise ValueError(f"--out must be a .png file, got {str(args.out)!r}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {error}") from None
+    try:
+        pipeline = load_pipeline(args.model, trust_remote_code=args.trust_remote_code)
+    except HubError as error:
+        print(f"ddpm-components sample: error: {error}", file=sys.stderr)
+        return 1
+    pipeline.to(device)
+    call_kwargs = {}
+    if args.init_image is not None:
+        channels, height, width = pipeline._sample_shape()
+        with Image.open(args.init_image) as opened:
+            init = opened.convert("L" if channels == 1 else "RGB").resize((width, height), Image.LANCZOS)
+        call_kwargs.update(image=init, strength=0.5 if args.strength is None else args.strength)
+    labels = args.class_label[0] if args.class_label and len(args.class_label) == 1 else args.class_label
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    images = pipeline(
+        batch_size=args.num_images,
+        generator=generator,
+        num_inference_steps=args.steps,
+        class_labels=labels,
+        guidance_scale=args.guidance_scale,
+        **call_kwargs,
+    ).images
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    blank = Image.new(images[0].mode, images[0].size)
+    grid = make_image_grid(images + [blank] * (rows * columns - len(images)), rows=rows, cols=columns)
+    grid = grid.convert(images[0].mode)  # make_image_grid pastes onto RGB; keep greyscale greyscale
+    _save_png(grid, args.out)
+    if args.save_individual is not None:
+        for index, image in enumerate(images):
+            _save_png(image, args.save_individual / f"{index:04d}.png")
+    where = f" and {len(images)} images in {args.save_individual}" if args.save_individual is not None else ""
+    print(f"wrote {args.out} ({len(images)} images, {args.steps} steps, seed {args.seed}){where}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- push
+def _add_push_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "push",
+        help="push a saved pipeline folder to the Hugging Face Hub (with a model card and sample grid)",
+        description=(
+            "Upload a saved pipeline folder to a Hub model repository (created if needed) in the remote-code "
+            "layout, so that anyone can load it with DiffusionPipeline.from_pretrained(repo_id, "
+            "trust_remote_code=True), plus a model card with a sample grid (the folder's samples.png, or freshly "
+            "sampled) and its training_config.json. The local folder is only read. Authenticate with "
+            "`hf auth login`, HF_TOKEN, or --token."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, type=Path, help="the saved pipeline folder")
+    parser.add_argument("--repo-id", required=True, help="the Hub repository, namespace/name (or name)")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--token", default=None, help="a Hub token with write access (default: the stored token)")
+    parser.add_argument("--commit-message", default=None, help="the commit message")
+    parser.add_argument(
+        "--num-sample-images",
+        type=int,
+        default=16,
+        help="images in the card's grid when sampled (0: no grid); ignored when the folder has samples.png",
+    )
+    parser.add_argument(
+        "--sample-steps", type=_positive_int, default=None, help="steps for the grid (default min(100, T))"
+    )
+    parser.add_argument("--resample", action="store_true", help="sample a new grid even if samples.png exists")
+    parser.set_defaults(func=_run_push)
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from .hub import HubError, push_folder
+
+    if args.num_sample_images < 0:
+        raise ValueError(f"--num-sample-images must be >= 0, got {args.num_sample_images}")
+    try:
+        url = push_folder(
+            args.model,
+            args.repo_id,
+            private=True if args.private else None,
+            token=args.token,
+            commit_message=args.commit_message,
+            num_sample_images=args.num_sample_images,
+            sample_inference_steps=args.sample_steps,
+            resample=args.resample,
+        )
+    except HubError as error:
+        print(f"ddpm-components push: error: {error}", file=sys.stderr)
+        print(f"ddpm-components push: nothing was changed in {args.model}", file=sys.stderr)
+        return 1
+    print(f"pushed {args.model} to {args.repo_id}: {url}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -149,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_forward_parser(subparsers)
+    _add_sample_parser(subparsers)
+    _add_push_parser(subparsers)
     _add_train_parser(subparsers)
     return parser
 

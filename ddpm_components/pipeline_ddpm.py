@@ -622,7 +622,8 @@ class DDPMPipeline(DiffusionPipeline):
         ).images
         columns = next(c for c in range(int(num_images**0.5), num_images + 1) if num_images % c == 0)
         columns = max(columns, num_images // columns)
-        return make_image_grid(images, rows=num_images // columns, cols=columns)
+        grid = make_image_grid(images, rows=num_images // columns, cols=columns)
+        return grid.convert(images[0].mode)  # make_image_grid pastes onto RGB; keep greyscale greyscale
 
     # ------------------------------------------------------------------------------------ loading
     @classmethod
@@ -768,9 +769,13 @@ def _atomic_directory(target: Path) -> Iterator[Path]:
 
 def _read_remote_index(repo_id: str, download_kwargs: dict) -> dict:
     """Download and parse a Hub repository's model_index.json, turning Hub failures into HubError."""
-    from diffusers.utils.hub_utils import hf_hub_download
+    from diffusers.utils.hub_utils import HF_HUB_OFFLINE, hf_hub_download, model_info
 
     try:
+        if not (HF_HUB_OFFLINE or download_kwargs.get("local_files_only")):
+            # one quick request first: a missing repo or an unreachable Hub fails at once, without the download
+            # retries (about 20 s) that hf_hub_download makes on connection errors
+            model_info(repo_id, revision=download_kwargs.get("revision"), token=download_kwargs.get("token"))
         path = hf_hub_download(repo_id, "model_index.json", **download_kwargs)
     except Exception as error:
         _raise_hub_error(error, repo_id, "downloading")
