@@ -565,7 +565,7 @@ class DDPMPipeline(DiffusionPipeline):
 
         The repository is created first (so that a bad token or an unreachable Hub fails before any sampling),
         then, unless ``sample_grid`` is given or ``num_sample_images=0``, ``num_sample_images`` images are sampled
-        with ``sample_inference_steps`` steps (default: min(100, num_train_timesteps)) and seed ``sample_seed``
+        with ``sample_inference_steps`` steps (default 100; at most num_train_timesteps) and seed ``sample_seed``
         for the card's grid. Files are written to a temporary folder: local files are never touched.
 
         Returns:
@@ -608,8 +608,8 @@ class DDPMPipeline(DiffusionPipeline):
 
     def _sample_grid(self, num_images: int, steps: int | None, seed: int) -> Any:
         """Sample ``num_images`` images and arrange them in a near-square grid (a PIL image)."""
-        if steps is None:
-            steps = min(100, int(getattr(self.scheduler.config, "num_train_timesteps", 1000)))
+        num_train_timesteps = int(getattr(self.scheduler.config, "num_train_timesteps", 1000))
+        steps = min(100 if steps is None else steps, num_train_timesteps)
         conditional, num_classes, null_label = self._class_info()
         labels = None
         if conditional and null_label is None and num_classes:

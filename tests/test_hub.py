@@ -18,6 +18,7 @@ from conftest import DUMMY_TOKEN, hub_env, tiny_pipeline
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SAMPLE_CALL = (
     "batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=8, output_type='np'"
 )
@@ -63,6 +64,11 @@ def test_push_then_load_without_the_package(tmp_path: Path, hub_server, run_pyth
                                    "--num-sample-images", "0")
         results["missing"] = cli("sample", "--model", "user/does-not-exist", "--num-images", "1", "--steps", "1",
                                  "--out", "x.png")
+        import runpy, sys
+        sys.argv = ["push_to_hub.py", "--model", {str(local)!r}, "--repo-id", "user/from-example"]
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            runpy.run_path({str(EXAMPLES / "push_to_hub.py")!r}, run_name="__main__")
+        results["example"] = out.getvalue()
         del os.environ["HF_TOKEN"]
         results["no_token"] = cli("push", "--model", {str(local)!r}, "--repo-id", "user/other",
                                   "--num-sample-images", "0")
@@ -90,6 +96,9 @@ def test_push_then_load_without_the_package(tmp_path: Path, hub_server, run_pyth
         assert message in results[case]["stderr"], (case, results[case]["stderr"])
         assert "Traceback" not in results[case]["stderr"]
     assert "nothing was changed in" in results["no_token"]["stderr"]
+    assert (
+        "pushed: " in results["example"] and "README.md" in hub_server.state.repos["user/from-example"].files
+    )
     assert _tree_digest(local) == digest, "a push (failed or not) must leave the local folder untouched"
 
     # what the Hub received: the remote-code layout, a model card, a sample grid, the training configuration

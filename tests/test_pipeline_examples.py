@@ -1,0 +1,42 @@
+"""The example scripts in examples/ run (in-process, tiny local models, a few steps)."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import diffusers
+import pytest
+from conftest import tiny_diffusers_unet, tiny_pipeline
+from PIL import Image
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+def _run(script: str, *args: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    runpy.run_path(str(EXAMPLES / script), run_name="__main__")
+
+
+def test_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    ours, plain = tmp_path / "ours", tmp_path / "plain"
+    tiny_pipeline().save_pretrained(ours)
+    diffusers.DDPMPipeline(unet=tiny_diffusers_unet(), scheduler=diffusers.DDPMScheduler(50)).save_pretrained(
+        plain
+    )
+    Image.new("RGB", (20, 20), (120, 40, 200)).save(tmp_path / "input.png")
+
+    _run("load_and_sample.py", "--model", str(plain), "--num-images", "3", "--steps", "3",
+         "--out", str(tmp_path / "a.png"), monkeypatch=monkeypatch)  # fmt: skip
+    assert Image.open(tmp_path / "a.png").size == (16, 16)
+    _run("swap_scheduler.py", "--model", str(plain), "--steps", "3", "--out", str(tmp_path / "b.png"),
+         monkeypatch=monkeypatch)  # fmt: skip
+    assert "ddpm_components.scheduling_ddpm.DDPMScheduler" in capsys.readouterr().out
+    _run("image_to_image.py", "--model", str(ours), "--image", str(tmp_path / "input.png"), "--strength", "0.5",
+         "--steps", "4", "--out", str(tmp_path / "c.png"), monkeypatch=monkeypatch)  # fmt: skip
+    assert Image.open(tmp_path / "c.png").size == (8, 8)
+    assert "2 of 4 steps" in capsys.readouterr().out
+    assert (EXAMPLES / "push_to_hub.py").is_file()  # pushing is covered end to end by tests/test_hub.py
