@@ -609,6 +609,20 @@ def _cycle_batches(
         epoch, skip = epoch + 1, 0
 
 
+def _distributed_without_accelerator() -> bool:
+    """True when launched as several processes (``WORLD_SIZE > 1``) on a machine without GPUs or other
+    accelerators: accelerate then needs ``cpu=True`` to set up gloo data parallelism (MULTI_CPU) instead
+    of running independent copies."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    accelerator_api = getattr(torch, "accelerator", None)
+    if accelerator_api is not None and hasattr(accelerator_api, "is_available"):
+        return not accelerator_api.is_available()
+    return not torch.cuda.is_available()
+
+
 def _resolve_resume(config: TrainingConfig, output_dir: Path) -> Path | None:
     if config.resume is None:
         return None
@@ -655,6 +669,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         step_scheduler_with_optimizer=False,
         dynamo_backend="inductor" if config.torch_compile else "no",
+        cpu=_distributed_without_accelerator(),
     )
     is_main = accelerator.is_main_process
 
@@ -847,9 +862,11 @@ def train(config: TrainingConfig) -> dict[str, Any]:
             _atomic_write_text(debug_dir / "parameter_checksums.json", json.dumps(gathered.tolist()))
 
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     if is_main:
         from .pipeline_ddpm import DDPMPipeline
+
+        for tracker in accelerator.trackers:  # flush and close the logs before the output folder is rewritten
+            tracker.finish()
 
         final_unet = _ema_unet(accelerator, model, ema)
         grid = sample_grid(final_unet, scheduler, config, num_classes, accelerator.device)
@@ -865,6 +882,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
             )
             accelerator.print(f"pushed to {url}")
     accelerator.wait_for_everyone()
+    accelerator.end_training()
     return {
         "global_step": progress.global_step,
         "loss": last_loss,

@@ -1,0 +1,161 @@
+"""Training in real processes: killed with SIGKILL and resumed; two ranks under ``accelerate launch``; push."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ddpm_components.training import list_checkpoints
+
+TINY_FLAGS = [
+    *("--block-out-channels", "8,16", "--layers-per-block", "1", "--num-train-timesteps", "50"),
+    *(
+        "--num-inference-steps",
+        "2",
+        "--samples-per-class",
+        "1",
+        "--lr-warmup-steps",
+        "0",
+        "--logging-steps",
+        "1",
+    ),
+]
+# files accelerate.save_state writes for our loop (model, optimizer, lr schedule, RNG, EMA, step counter)
+CHECKPOINT_FILES = {
+    "model.safetensors",
+    "optimizer.bin",
+    "scheduler.bin",
+    "random_states_0.pkl",
+    "custom_checkpoint_0.pkl",
+    "custom_checkpoint_1.pkl",
+}
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "ACCELERATE_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
+    return env
+
+
+def _metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_checkpoints_complete(output_dir: Path, ranks: int = 1) -> None:
+    expected = CHECKPOINT_FILES | {f"random_states_{rank}.pkl" for rank in range(ranks)}
+    for checkpoint in list_checkpoints(output_dir):
+        missing = expected - {path.name for path in checkpoint.iterdir()}
+        assert not missing, f"{checkpoint.name} is missing {missing}"
+
+
+def test_sigkill_mid_run_then_resume_latest_reaches_the_target(tmp_path):
+    output_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "ddpm_components", "train", "--output-dir", str(output_dir), *TINY_FLAGS]
+    command += ["--train-batch-size", "8", "--max-train-steps", "150", "--checkpointing-steps", "5"]
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if len(list_checkpoints(output_dir)) >= 2:
+                break
+            time.sleep(0.02)
+        assert process.poll() is None, (
+            "the run ended before it could be killed:\n" + process.stdout.read().decode()
+        )
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    killed_at = max(record["step"] for record in _metrics(output_dir))
+    assert killed_at < 150
+    _assert_checkpoints_complete(output_dir)  # whatever the moment of the kill
+
+    resumed = subprocess.run(
+        [*command, "--resume", "latest"], env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    records = _metrics(output_dir)
+    steps = [record["step"] for record in records]
+    assert steps == sorted(set(steps)) and steps[-1] == 150  # no step logged twice, target reached
+    assert all(math.isfinite(record["loss"]) for record in records)
+    _assert_checkpoints_complete(output_dir)
+    assert (output_dir / "model_index.json").exists() and (output_dir / "samples.png").exists()
+    assert not [
+        p for p in output_dir.iterdir() if p.name.startswith(("tmp-checkpoint", "deleting-checkpoint"))
+    ]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_with_accelerate_launch_shard_data_and_stay_in_sync(tmp_path):
+    output_dir = tmp_path / "ddp"
+    # on a machine without GPUs, `--multi_gpu` starts torchrun and accelerate picks MULTI_CPU with gloo
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["--main_process_port", str(_free_port()), "--num_cpu_threads_per_process", "1"]
+    command += ["-m", "ddpm_components", "train", "--output-dir", str(output_dir), *TINY_FLAGS]
+    command += [
+        "--train-batch-size",
+        "8",
+        "--max-train-steps",
+        "4",
+        "--checkpointing-steps",
+        "2",
+        "--debug-record",
+    ]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    # each micro-batch: two different shards, 8 indices each; no index twice within the epoch
+    lines = (output_dir / "debug" / "sample_indices.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [record["micro_step"] for record in records] == [0, 1, 2, 3]
+    seen: list[int] = []
+    for record in records:
+        rank0, rank1 = record["indices"]
+        assert len(rank0) == len(rank1) == 8 and not set(rank0) & set(rank1)
+        seen += rank0 + rank1
+    assert len(seen) == len(set(seen)) == 64
+
+    # parameters identical on both ranks at the end (gathered checksums)
+    rank0_sums, rank1_sums = json.loads((output_dir / "debug" / "parameter_checksums.json").read_text())
+    assert rank0_sums == rank1_sums
+
+    # only the main process logs and writes: one metrics line per step, one summary line, rank-0 files only
+    assert [record["step"] for record in _metrics(output_dir)] == [1, 2, 3, 4]
+    assert result.stdout.count("trained 4 steps") == 1
+    _assert_checkpoints_complete(output_dir, ranks=2)
+    assert sorted(p.name for p in list_checkpoints(output_dir)) == ["checkpoint-2", "checkpoint-4"]
+    assert (output_dir / "model_index.json").exists()
+
+
+@pytest.mark.usefixtures("torch_single_thread")
+def test_push_to_hub_uploads_pipeline_card_and_training_config(tmp_path, hub_server):
+    output_dir = tmp_path / "pushed"
+    command = [sys.executable, "-m", "ddpm_components", "train", "--output-dir", str(output_dir), *TINY_FLAGS]
+    command += ["--train-batch-size", "8", "--max-train-steps", "2", "--checkpointing-steps", "0"]
+    command += ["--push-to-hub", "--hub-model-id", "user/tiny-digits"]
+    env = {**hub_server.env, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    files = hub_server.state.repos["user/tiny-digits"].files
+    for name in ["model_index.json", "pipeline_ddpm.py", "unet/unet_ddpm.py", "scheduler/scheduling_ddpm.py"]:
+        assert name in files, name
+    assert json.loads(files["training_config.json"])["max_train_steps"] == 2
+    card = files["README.md"].decode()
+    assert "max_train_steps" in card
