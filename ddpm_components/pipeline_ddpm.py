@@ -204,7 +204,7 @@ class DDPMPipeline(DiffusionPipeline):
         return pixels.to(device=device, dtype=dtype)
 
     def _set_timesteps(
-        self, num_inference_steps: int, timesteps: list[int] | None, device: torch.device
+        self, num_inference_steps: int | str, timesteps: list[int] | None, device: torch.device
     ) -> None:
         parameters = inspect.signature(self.scheduler.set_timesteps).parameters
         device_kwargs = {"device": device} if "device" in parameters else {}
@@ -224,7 +224,7 @@ class DDPMPipeline(DiffusionPipeline):
         self,
         batch_size: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        num_inference_steps: int = 1000,
+        num_inference_steps: int | str = 1000,
         timesteps: list[int] | None = None,
         class_labels: int | list[int] | torch.Tensor | None = None,
         guidance_scale: float = 1.0,
@@ -241,7 +241,8 @@ class DDPMPipeline(DiffusionPipeline):
             batch_size: how many images (with ``image``: one image is repeated ``batch_size`` times; several
                 images make the batch themselves).
             generator: a ``torch.Generator`` or one per image, for reproducible sampling.
-            num_inference_steps: number of denoising steps (1000 reproduces the DDPM paper).
+            num_inference_steps: number of denoising steps (1000 reproduces the DDPM paper); a string (e.g.
+                ``"ddim50"``) is passed on to schedulers that take respacing strings, such as ours.
             timesteps: custom descending timesteps (for schedulers whose ``set_timesteps`` takes them);
                 overrides ``num_inference_steps``.
             class_labels: one label or one per image, for class-conditional U-Nets. ``None`` on a
@@ -266,7 +267,9 @@ class DDPMPipeline(DiffusionPipeline):
         _check_choice("output_type", output_type, get_args(OutputType))
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if timesteps is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+        integer_steps = isinstance(num_inference_steps, int) and num_inference_steps >= 1
+        if timesteps is None and not integer_steps and not isinstance(num_inference_steps, str):
+            # (strings such as "ddim50" are respacings that the scheduler validates)
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if image is not None and not 0.0 < strength <= 1.0:
             raise ValueError(

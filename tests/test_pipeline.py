@@ -108,6 +108,10 @@ def test_custom_timesteps():
     pipeline(generator=_seed(), timesteps=[40, 25, 10, 0], callback_on_step_end=record, output_type="pt")
     assert seen == [40, 25, 10, 0]
     assert pipeline.num_timesteps == 4
+    # respacing strings go to schedulers that take them (ours)
+    seen.clear()
+    pipeline(generator=_seed(), num_inference_steps="ddim5", callback_on_step_end=record, output_type="pt")
+    assert seen == pipeline.scheduler.timesteps.tolist() and len(seen) == 5
 
 
 # ------------------------------------------------------------------------------------- callbacks
