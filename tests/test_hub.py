@@ -138,6 +138,13 @@ def test_push_then_load_without_the_package(tmp_path: Path, hub_server, run_pyth
             pipe.set_progress_bar_config(disable=True)
             print(name, type(pipe).__module__, type(pipe.unet).__module__, type(pipe.scheduler).__module__)
             np.save({str(out)!r} + "_" + name + ".npy", pipe({SAMPLE_CALL}, {GUIDED}).images)
+        # a pipeline loaded as remote code saves the same layout again (users without our package can re-share)
+        import json
+        pipe.save_pretrained({str(tmp_path / "resaved")!r})
+        print("RESAVED", json.dumps(json.load(open({str(tmp_path / "resaved" / "model_index.json")!r}))))
+        again = DiffusionPipeline.from_pretrained({str(tmp_path / "resaved")!r}, trust_remote_code=True)
+        again.set_progress_bar_config(disable=True)
+        np.save({str(out)!r} + "_resaved.npy", again({SAMPLE_CALL}, {GUIDED}).images)
         """,
         env=hub_server.env,
     )
@@ -145,7 +152,14 @@ def test_push_then_load_without_the_package(tmp_path: Path, hub_server, run_pyth
     for line in loaded.stdout.splitlines():
         if line.startswith(("hub ", "local ")):
             assert "ddpm_components" not in line and "diffusers_modules" in line, line
-    for name in ("hub", "local"):
+    resaved = json.loads(loaded.stdout.split("RESAVED ", 1)[1].splitlines()[0])
+    assert resaved["_class_name"] == ["pipeline_ddpm", "DDPMPipeline"]
+    assert resaved["unet"] == ["unet_ddpm", "DDPMUNet2DModel"]
+    assert resaved["scheduler"] == ["scheduling_ddpm", "DDPMScheduler"]
+    assert (tmp_path / "resaved" / "unet" / "unet_ddpm.py").read_bytes() == (
+        local / "unet" / "unet_ddpm.py"
+    ).read_bytes()
+    for name in ("hub", "local", "resaved"):
         got = np.load(f"{out}_{name}.npy")
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
