@@ -37,9 +37,15 @@ def _add_forward_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--out", type=Path, default=Path("forward_process.png"), help="output PNG path")
-    parser.add_argument("--num-images", type=_positive_int, default=8, help="rows: how many digits (default 8)")
-    parser.add_argument("--num-columns", type=_positive_int, default=10, help="columns from x_0 to x_T (default 10)")
-    parser.add_argument("--resolution", type=_positive_int, default=32, help="image size in pixels (default 32)")
+    parser.add_argument(
+        "--num-images", type=_positive_int, default=8, help="rows: how many digits (default 8)"
+    )
+    parser.add_argument(
+        "--num-columns", type=_positive_int, default=10, help="columns from x_0 to x_T (default 10)"
+    )
+    parser.add_argument(
+        "--resolution", type=_positive_int, default=32, help="image size in pixels (default 32)"
+    )
     parser.add_argument("--num-train-timesteps", type=_positive_int, default=1000, help="T (default 1000)")
     parser.add_argument(
         "--beta-schedule",
@@ -76,7 +82,9 @@ def _run_forward(args: argparse.Namespace) -> int:
     tmp = args.out.with_name(args.out.name + ".tmp")
     grid.save(tmp, format="PNG")
     tmp.replace(args.out)
-    print(f"wrote {args.out} ({args.num_images} digits, x_0 -> x_T over t = 0, {', '.join(map(str, steps.tolist()))})")
+    print(
+        f"wrote {args.out}: {args.num_images} digits; columns x_0, then x_t for t = {', '.join(map(str, steps.tolist()))}"
+    )
     return 0
 
 
@@ -99,7 +107,6 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
             "model on the embedded digits, about ten minutes on two CPU cores. Multi-GPU / multi-node: "
             "`accelerate launch -m ddpm_components train ...` (see docs/training.md)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     hints = typing.get_type_hints(TrainingConfig)
     for item in dataclasses.fields(TrainingConfig):
@@ -109,6 +116,8 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         if optional:
             annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
         help_text = item.metadata.get("help", "")
+        if "default" not in help_text:
+            help_text += f" (default: {item.default})"
         if annotation is bool:
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=item.default, help=help_text
@@ -155,7 +164,9 @@ def _add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--model", required=True, help="a folder written by save_pretrained / `train`, or a Hub repo id (user/name)"
+        "--model",
+        required=True,
+        help="a folder written by save_pretrained / `train`, or a Hub repo id (user/name)",
     )
     parser.add_argument("--num-images", type=_positive_int, default=16, help="how many images to sample")
     parser.add_argument(
@@ -164,7 +175,9 @@ def _add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
         default=1000,
         help="denoising steps (1000 = the DDPM paper; fewer is faster and rougher)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same images")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed: the same seed gives the same images"
+    )
     parser.add_argument(
         "--class-label",
         type=int,
@@ -197,7 +210,11 @@ def _add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG grid")
     parser.add_argument(
-        "--save-individual", type=Path, default=None, metavar="DIR", help="also write one PNG per image into DIR"
+        "--save-individual",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write one PNG per image into DIR",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
@@ -238,7 +255,9 @@ def _run_sample(args: argparse.Namespace) -> int:
     try:
         device = torch.device(device)
     except RuntimeError as error:
-        raise ValueError(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {error}") from None
+        raise ValueError(
+            f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {error}"
+        ) from None
     try:
         pipeline = load_pipeline(args.model, trust_remote_code=args.trust_remote_code)
     except HubError as error:
@@ -292,7 +311,9 @@ def _add_push_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True, type=Path, help="the saved pipeline folder")
     parser.add_argument("--repo-id", required=True, help="the Hub repository, namespace/name (or name)")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
-    parser.add_argument("--token", default=None, help="a Hub token with write access (default: the stored token)")
+    parser.add_argument(
+        "--token", default=None, help="a Hub token with write access (default: the stored token)"
+    )
     parser.add_argument("--commit-message", default=None, help="the commit message")
     parser.add_argument(
         "--num-sample-images",
@@ -303,7 +324,9 @@ def _add_push_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--sample-steps", type=_positive_int, default=None, help="steps for the grid (default min(100, T))"
     )
-    parser.add_argument("--resample", action="store_true", help="sample a new grid even if samples.png exists")
+    parser.add_argument(
+        "--resample", action="store_true", help="sample a new grid even if samples.png exists"
+    )
     parser.set_defaults(func=_run_push)
 
 
