@@ -48,6 +48,7 @@ Conditioning = Literal["auto", "class", "none"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
 LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 ReportTo = Literal["none", "tensorboard"]
+ModelPreset = Literal["digits", "cifar10", "celebahq256", "lsun256"]
 ColorMode = Literal["grayscale", "rgb"]
 CropMode = Literal["center", "random"]
 
@@ -116,10 +117,10 @@ class TrainingConfig:
     )
 
     # ---- model and objective
-    model_preset: str = field(
+    model_preset: ModelPreset = field(
         default="digits",
         metadata={
-            "help": "U-Net preset: digits, cifar10, celebahq256 or lsun256 (see DDPMUNet2DModel.from_preset)"
+            "help": "U-Net preset (DDPMUNet2DModel.from_preset); image size and channels follow the data"
         },
     )
     block_out_channels: str | None = field(
@@ -201,7 +202,7 @@ class TrainingConfig:
         default=500, metadata={"help": "save a resumable checkpoint every N optimizer steps (0: never)"}
     )
     checkpoints_total_limit: int | None = field(
-        default=2, metadata={"help": "keep only the newest K checkpoints (default 2)"}
+        default=2, metadata={"help": "keep only the newest K checkpoints"}
     )
     resume: str | None = field(
         default=None,
@@ -562,7 +563,10 @@ class _Progress:
 def sample_grid(
     unet: Any, scheduler: Any, config: TrainingConfig, num_classes: int | None, device: torch.device
 ) -> Any:
-    """A PIL grid of samples from ``unet`` via :class:`DDPMPipeline` (one row per class when conditional)."""
+    """A PIL grid of samples from ``unet`` via :class:`DDPMPipeline` (one row per class when conditional).
+
+    Images smaller than 32 pixels are enlarged by an integer factor (nearest neighbour) for viewing.
+    """
     import torch
     from diffusers.utils import make_image_grid
 
@@ -587,6 +591,9 @@ def sample_grid(
             output_type="pil",
             **kwargs,
         ).images
+    scale = max(1, 32 // images[0].width)  # small images are enlarged (nearest neighbour) to be seen
+    if scale > 1:
+        images = [image.resize((image.width * scale, image.height * scale), resample=0) for image in images]
     return make_image_grid(images, rows=rows, cols=cols)
 
 
