@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DUMMY_TOKEN, hub_env, tiny_pipeline
+from PIL import Image
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -64,6 +65,13 @@ def test_push_then_load_without_the_package(tmp_path: Path, hub_server, run_pyth
                                    "--num-sample-images", "0")
         results["missing"] = cli("sample", "--model", "user/does-not-exist", "--num-images", "1", "--steps", "1",
                                  "--out", "x.png")
+        results["sample"] = cli("sample", "--model", "user/tiny-ddpm", "--num-images", "2", "--steps", "8",
+                                "--class-label", "1", "2", "--guidance-scale", "2.5",
+                                "--save-individual", {str(tmp_path / "from_hub")!r}, "--out", "g.png")
+        from ddpm_components import DDPMPipeline
+        pipe = DDPMPipeline.from_pretrained({str(local)!r})
+        pipe.save_pretrained({str(tmp_path / "via_save")!r}, push_to_hub=True, repo_id="user/via-save",
+                             num_sample_images=0)
         import runpy, sys
         sys.argv = ["push_to_hub.py", "--model", {str(local)!r}, "--repo-id", "user/from-example"]
         with contextlib.redirect_stdout(io.StringIO()) as out:
@@ -96,6 +104,10 @@ def test_push_then_load_without_the_package(tmp_path: Path, hub_server, run_pyth
         assert message in results[case]["stderr"], (case, results[case]["stderr"])
         assert "Traceback" not in results[case]["stderr"]
     assert "nothing was changed in" in results["no_token"]["stderr"]
+    assert results["sample"]["code"] == 0, results["sample"]
+    assert (
+        "model_index.json" in hub_server.state.repos["user/via-save"].files
+    )  # save_pretrained(push_to_hub=True)
     assert (
         "pushed: " in results["example"] and "README.md" in hub_server.state.repos["user/from-example"].files
     )
@@ -162,6 +174,10 @@ def test_push_then_load_without_the_package(tmp_path: Path, hub_server, run_pyth
     for name in ("hub", "local", "resaved"):
         got = np.load(f"{out}_{name}.npy")
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    # the CLI sampled the same images from the Hub (PNG: 8-bit rounding of the same floats)
+    for index in range(2):
+        png = np.asarray(Image.open(tmp_path / "from_hub" / f"{index:04d}.png"), dtype=np.float32) / 255
+        np.testing.assert_allclose(png, expected[index, ..., 0], atol=1 / 255 + 1e-6, rtol=0)
 
 
 def test_hub_unreachable_gives_clear_errors(tmp_path: Path, run_python):

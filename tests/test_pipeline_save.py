@@ -131,3 +131,26 @@ def test_from_pretrained_errors(tmp_path: Path):
         DDPMPipeline.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="neither an existing folder nor a Hub repo id"):
         DDPMPipeline.from_pretrained(str(tmp_path / "missing" / "deeper" / "path"))
+
+
+def test_component_modules_are_self_contained():
+    """Files saved as remote code import only torch, diffusers and the standard library, never relatively."""
+    import ast
+    import sys
+
+    import ddpm_components
+
+    package = Path(ddpm_components.__file__).parent
+    allowed = {"torch", "diffusers", *sys.stdlib_module_names}
+    for name in ("pipeline_ddpm.py", "unet_ddpm.py", "scheduling_ddpm.py"):
+        tree = ast.parse((package / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level == 0, f"{name}: relative import of {node.module}"
+                modules = [node.module]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            else:
+                continue
+            for module in modules:
+                assert module.split(".")[0] in allowed, f"{name} imports {module}"
