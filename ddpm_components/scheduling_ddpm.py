@@ -464,27 +464,29 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         lr_b = (max_log + min_log) / 4.0
         mask = (t > 0).to(torch.float64)
         table = torch.stack([k1, k2, coef1, coef2, std * mask, lr_a, lr_b, mask], dim=1)
-        table = torch.cat([table, torch.full((1, _NUM_COLUMNS), float("nan"), dtype=torch.float64)])
 
         index_of = [-1] * num_train
         for i, value in enumerate(kept):
             index_of[value] = i
-        self._step_table64 = table
-        self._step_rows: list[tuple[float, ...]] = [tuple(row) for row in table[:-1].tolist()]
+        # Rows addressed by timestep + 1: row 0 (t < 0), row T + 1 (t >= T) and timesteps outside the chain
+        # hold NaN, so one clamp and one gather serve every timestep without a search or a synchronisation.
+        by_timestep = torch.full((num_train + 2, _NUM_COLUMNS), float("nan"), dtype=torch.float64)
+        by_timestep[t + 1] = table
+        self._step_table64 = by_timestep
+        self._step_rows: list[tuple[float, ...]] = [tuple(row) for row in table.tolist()]
         self._index_of_timestep = index_of
-        self._index_table_cpu = torch.tensor([i if i >= 0 else len(kept) for i in index_of], dtype=torch.long)
         self._prev_timesteps = prev.tolist()
-        self._step_cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._step_cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self.timesteps = t.to(device) if device is not None else t
         # Fill the cache ahead of time so a compiled step never sees it change (that would recompile).
         self._step_tables(self.timesteps.device, torch.float32)
 
-    def _step_tables(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(timestep → step index table, coefficient table) on ``device`` in ``dtype``, cached."""
+    def _step_tables(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The per-timestep coefficient table on ``device`` in ``dtype`` (cached)."""
         key = (device, dtype)
         cached = self._step_cache.get(key)
         if cached is None:
-            cached = (self._index_table_cpu.to(device), self._step_table64.to(device=device, dtype=dtype))
+            cached = self._step_table64.to(device=device, dtype=dtype)
             self._step_cache[key] = cached
         return cached
 
@@ -679,28 +681,24 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tensor path: coefficients gathered by index, no host-device synchronisation, compile friendly."""
         device = sample.device
-        index_table, table = self._step_tables(device, work_dtype)
+        table = self._step_tables(device, work_dtype)
         timestep = torch.as_tensor(timestep, device=device)
         if timestep.ndim > 1 or (timestep.ndim == 1 and timestep.shape[0] not in (1, sample.shape[0])):
             raise ValueError(
                 f"timestep has shape {tuple(timestep.shape)}; use an int, a 0-d tensor or a 1-d tensor of length "
                 f"{sample.shape[0]} (the batch size)."
             )
-        timestep = timestep.long().reshape(-1)  # 1-d: gather, never a data-dependent select
         num_train = self.config.num_train_timesteps
+        # 1-d index (a gather, never a data-dependent select); t outside [0, T) lands on a NaN row
+        rows = table[(timestep.reshape(-1).long() + 1).clamp(0, num_train + 1)]  # (B or 1, columns)
         host_checkable = device.type == "cpu" and not compiling
-        if host_checkable:
-            bad = [
-                v
-                for v in timestep.reshape(-1).tolist()
-                if not 0 <= v < num_train or self._index_of_timestep[v] < 0
-            ]
-            if bad:
-                self._host_index(bad[0])
-        index = index_table[timestep.clamp(0, num_train - 1)]
-        if not host_checkable:  # out-of-range timesteps index the NaN row (no synchronisation)
-            index = torch.where((timestep >= 0) & (timestep < num_train), index, table.shape[0] - 1)
-        rows = table[index]  # (B or 1, columns)
+        any_noise = True
+        if host_checkable:  # free on the CPU: validate and skip the draw when every t == 0, as diffusers
+            mask_values = rows[:, _MASK].tolist()
+            if any(math.isnan(value) for value in mask_values):
+                values = timestep.reshape(-1).tolist()
+                self._host_index(next(v for v, m in zip(values, mask_values) if math.isnan(m)))
+            any_noise = any(mask_values)
         coefficients = rows.reshape(rows.shape[0], _NUM_COLUMNS, *([1] * (sample.ndim - 1))).unbind(1)
         k1, k2, coef1, coef2, std, lr_a, lr_b, mask = coefficients
         x = sample.to(work_dtype)
@@ -716,7 +714,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         prev_sample = torch.addcmul(x * coef2, coef1, pred_original_sample)
 
         if variance_noise is None:
-            if host_checkable and not bool((timestep > 0).any()):
+            if not any_noise:
                 return prev_sample, pred_original_sample  # t == 0 everywhere: no draw, as diffusers
             variance_noise = self._draw_noise(mean_output, generator)
         noise = variance_noise.to(work_dtype)
