@@ -240,14 +240,22 @@ def test_gradient_checkpointing_gives_the_same_gradients(batch):
     assert not checkpointed_model.gradient_checkpointing
 
 
-def test_upsample_equals_nearest_then_conv():
+def test_upsample_equals_nearest_then_conv_and_follows_weight_updates():
     torch.manual_seed(0)
-    model = make()
-    upsample = model.up_blocks[0].upsample
+    upsample = make().up_blocks[0].upsample
     x = torch.randn(2, 32, 5, 7)
-    expected = upsample.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+    def reference() -> torch.Tensor:
+        return upsample.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+
     with torch.no_grad():
-        torch.testing.assert_close(upsample(x), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(upsample(x), reference(), atol=1e-5, rtol=0)
+        upsample.conv.weight.mul_(-2.0)  # the kernel cached by the previous call must be rebuilt
+        torch.testing.assert_close(upsample(x), reference(), atol=1e-5, rtol=0)
+    # with autograd: gradients reach the 3x3 weight
+    upsample(x).sum().backward()
+    expected_grad = torch.autograd.grad(reference().sum(), upsample.conv.weight)[0]
+    torch.testing.assert_close(upsample.conv.weight.grad, expected_grad, atol=1e-4, rtol=1e-5)
 
 
 def test_compiles_with_fullgraph_and_no_graph_break(batch):
