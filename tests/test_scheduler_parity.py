@@ -311,3 +311,13 @@ def test_forward_process_and_velocity_parity():
             atol=1e-5,
             rtol=0,
         )
+
+
+def test_generator_list_draws_like_diffusers():
+    """A list of generators (one per batch element, as DDPMPipeline accepts) draws the same noise."""
+    sample = torch.linspace(-1, 1, 2 * 3 * 4 * 4).reshape(2, 3, 4, 4)
+    outputs = []
+    for scheduler in (DDPMScheduler(), DiffusersDDPMScheduler()):
+        generators = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
+        outputs.append(scheduler.step(0.3 * sample, 500, sample, generator=generators).prev_sample)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=0)
