@@ -565,7 +565,7 @@ def sample_grid(
 ) -> Any:
     """A PIL grid of samples from ``unet`` via :class:`DDPMPipeline` (one row per class when conditional).
 
-    Images smaller than 32 pixels are enlarged by an integer factor (nearest neighbour) for viewing.
+    Images smaller than 32 pixels are enlarged and framed for viewing (:func:`_for_viewing`).
     """
     import torch
     from diffusers.utils import make_image_grid
@@ -591,10 +591,22 @@ def sample_grid(
             output_type="pil",
             **kwargs,
         ).images
-    scale = max(1, 32 // images[0].width)  # small images are enlarged (nearest neighbour) to be seen
-    if scale > 1:
-        images = [image.resize((image.width * scale, image.height * scale), resample=0) for image in images]
-    return make_image_grid(images, rows=rows, cols=cols)
+    return make_image_grid(_for_viewing(images), rows=rows, cols=cols)
+
+
+def _for_viewing(images: list[Any]) -> list[Any]:
+    """Enlarge images smaller than 32 pixels by an integer factor (nearest neighbour) and frame them with a
+    thin grey border, so that a grid of tiny images stays legible."""
+    from PIL import ImageOps
+
+    scale = max(1, 32 // images[0].width)
+    if scale == 1:
+        return images
+    fill = 96 if images[0].mode == "L" else (96,) * len(images[0].getbands())
+    return [
+        ImageOps.expand(image.resize((image.width * scale, image.height * scale), resample=0), scale, fill)
+        for image in images
+    ]
 
 
 # ------------------------------------------------------------------------------------------- training

@@ -290,7 +290,7 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     assert first["step"] == 1
 
 
-def test_folder_data_learned_variance_v_prediction_min_snr(tmp_path):
+def test_folder_data_learned_variance_v_prediction_min_snr_checkpointing_tensorboard(tmp_path):
     rng = np.random.default_rng(0)
     for label in ["circle", "square"]:
         for index in range(6):
@@ -310,6 +310,8 @@ def test_folder_data_learned_variance_v_prediction_min_snr(tmp_path):
         crop="random",
         checkpointing_steps=0,
         samples_per_class=2,
+        gradient_checkpointing=True,
+        report_to="tensorboard",
     )
     summary = train(config)
     assert summary["global_step"] == 3 and math.isfinite(summary["loss"])
@@ -319,6 +321,7 @@ def test_folder_data_learned_variance_v_prediction_min_snr(tmp_path):
         and unet_config["out_channels"] == 6
         and unet_config["num_class_embeds"] == 2
     )
+    assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))  # tensorboard through accelerate
     scheduler_config = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
     assert (
         scheduler_config["variance_type"] == "learned_range"
