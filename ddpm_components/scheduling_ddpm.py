@@ -202,18 +202,26 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
     """Ancestral DDPM sampler and the DDPM training/likelihood maths, interchangeable with diffusers' scheduler.
 
     The configuration keys, their defaults and ``step``'s numbers are those of diffusers'
-    ``DDPMScheduler`` (max abs difference ≤ 1e-5 in float32; schedules are computed in float64 and cast),
-    and the random draws are the same (one ``randn_tensor(model_output.shape, generator=...)`` per step
-    with t > 0), so swapping one for the other keeps images for a seed. Differences, all where diffusers
-    0.42 returns NaN or raises:
+    ``DDPMScheduler``, and the random draws are the same (one ``randn_tensor(model_output.shape,
+    generator=...)`` per step with t > 0), so swapping one for the other keeps images for a seed. Schedules
+    are computed in float64 and cast once: ours equals diffusers' algorithm evaluated in float64 to ≤ 1e-5,
+    and equals diffusers' float32 results to ≤ 1e-5 except near t = 0, where diffusers' own float32
+    β'_t = 1 - ᾱ_t/ᾱ_{t-1} is off by up to ~3e-4 (relative). Differences, all where diffusers 0.42 returns
+    NaN, raises or is wrong:
 
     - ``variance_type="fixed_large_log"``: Σ = exp(log β_t) (GLIDE), where diffusers takes √(log β_t).
     - ``variance_type="learned"``: the extra channels are log Σ (DDPM / Improved-DDPM code), where diffusers
       takes √ of the raw output.
     - ``rescale_betas_zero_snr=True`` with ε-prediction: at ᾱ_t = 0 the ε → x_0 conversion uses
       ᾱ_t = 2⁻²⁴ instead of dividing by zero. Every other number (add_noise, posterior) uses ᾱ_T = 0.
-    - invalid input (unknown options, a timestep outside the schedule, a model output of the wrong shape)
-      raises ``ValueError`` naming the value and the valid choices.
+    - ``timestep_spacing="trailing"`` keeps exactly ``num_inference_steps`` timesteps (diffusers' float
+      ``arange`` appends a spurious -1 for some counts, e.g. 29 of 100).
+    - invalid input (unknown options, a timestep outside the schedule, a model output of the wrong shape,
+      ``leading`` spacing whose offset reaches ``num_train_timesteps``) raises ``ValueError`` naming the value
+      and the valid choices.
+
+    Kept from diffusers for identical images: noise is added whenever t > 0, also at the last step of a chain
+    that ends above 0 (``trailing`` spacing, ``steps_offset=1``); Improved DDPM would add none there.
 
     Beyond diffusers: ``timestep`` may be a 1-d tensor (one per batch element); ``step`` takes the noise
     itself (``variance_noise=``) and then compiles with ``torch.compile(fullgraph=True)`` once for all
