@@ -3,6 +3,7 @@ low-precision samples and the training-time API (targets, SNR, loss weights, pos
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -253,6 +254,41 @@ def test_one_timestep_per_batch_element_equals_separate_steps(variance_type):
     torch.testing.assert_close(
         broadcast, scheduler.step(output, 480, sample, variance_noise=noise).prev_sample
     )
+
+
+def test_tensor_path_equals_host_path_for_every_option():
+    """The gather-based path (tensor timesteps: accelerators, torch.compile) computes what the Python-float path
+    (int timesteps) computes, for every variance type, prediction type and clipping mode, including t = 0."""
+    options = itertools.product(
+        ["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"],
+        ["epsilon", "sample", "v_prediction"],
+        [{"clip_sample": True}, {"clip_sample": False}, {"thresholding": True, "sample_max_value": 2.0}],
+    )
+    g = torch.Generator().manual_seed(0)
+    for variance_type, prediction_type, clipping in options:
+        scheduler = DDPMScheduler(variance_type=variance_type, prediction_type=prediction_type, **clipping)
+        scheduler.set_timesteps(7)
+        channels = 6 if variance_type.startswith("learned") else 3
+        for t in (scheduler.timesteps[0].item(), scheduler.timesteps[3].item(), 0):
+            sample = torch.randn(2, 3, 4, 4, generator=g)
+            output = torch.randn(2, channels, 4, 4, generator=g).clamp(-1, 1)
+            noise = torch.randn(2, 3, 4, 4, generator=g)
+            host = scheduler.step(output, t, sample, variance_noise=noise)
+            tensor = scheduler.step(output, torch.tensor([t, t]), sample, variance_noise=noise)
+            label = (variance_type, prediction_type, clipping, t)
+            torch.testing.assert_close(
+                tensor.prev_sample, host.prev_sample, atol=1e-6, rtol=1e-6, msg=str(label)
+            )
+            torch.testing.assert_close(
+                tensor.pred_original_sample, host.pred_original_sample, atol=1e-6, rtol=1e-6, msg=str(label)
+            )
+            drawn = scheduler.step(
+                output, torch.tensor([t, t]), sample, generator=torch.Generator().manual_seed(3)
+            )
+            expected = scheduler.step(output, t, sample, generator=torch.Generator().manual_seed(3))
+            torch.testing.assert_close(
+                drawn.prev_sample, expected.prev_sample, atol=1e-6, rtol=1e-6, msg=str(label)
+            )
 
 
 def test_no_draw_at_t_zero_and_one_draw_otherwise():
