@@ -216,20 +216,22 @@ class Upsample(nn.Module):
     cached until the 3x3 weight changes.
     """
 
-    # out[2y + a] reads input rows y-1, y (a = 0) or y, y+1 (a = 1); as transposed-convolution taps
-    # (o = 2i - 1 + k) the 1-d kernel is [w2, w1 + w2, w0 + w1, w0].
-    _TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
-
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
         self._cache: tuple[tuple, torch.Tensor] | None = None
 
     def transposed_kernel(self) -> torch.Tensor:
-        """``(C_in, C_out, 4, 4)``: the stride-2 transposed-convolution kernel equal to nearest-2x + conv3x3."""
-        weight = self.conv.weight
-        taps = torch.tensor(self._TAPS, dtype=weight.dtype, device=weight.device)
-        return torch.einsum("ak,oikl,bl->ioab", taps, weight, taps)
+        """``(C_in, C_out, 4, 4)``: the stride-2 transposed-convolution kernel equal to nearest-2x + conv3x3.
+
+        Output row ``2y + a`` reads input rows ``y - 1, y`` (a = 0) or ``y, y + 1`` (a = 1); as taps of a
+        transposed convolution (output ``o = 2 i - 1 + k``) the 1-d kernel is ``[w2, w1 + w2, w0 + w1, w0]``,
+        i.e. the sum of the zero-padded, flipped 3-tap kernel and its shift by one; rows, then columns.
+        """
+        flipped = self.conv.weight.transpose(0, 1).flip(-1, -2)
+        padded = F.pad(flipped, (1, 1, 1, 1))
+        rows = padded[:, :, :-1] + padded[:, :, 1:]
+        return rows[..., :-1] + rows[..., 1:]
 
     def _kernel(self) -> torch.Tensor:
         weight = self.conv.weight
