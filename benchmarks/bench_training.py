@@ -83,6 +83,8 @@ def _plain_loop(row: str, args: argparse.Namespace) -> float:
 
 
 def _our_train(args: argparse.Namespace) -> float:
+    import torch
+
     from ddpm_components.training import TrainingConfig, train
 
     if args.device == "cpu":
@@ -97,6 +99,7 @@ def _our_train(args: argparse.Namespace) -> float:
             checkpointing_steps=0,
             num_inference_steps=1,
             samples_per_class=1,
+            cpu_threads=torch.get_num_threads(),  # the same threads as the other rows (not train()'s auto choice)
         )
         train(config)
         with open(os.path.join(folder, "metrics.jsonl")) as handle:

@@ -159,7 +159,7 @@ class TrainingConfig:
     # ---- optimisation
     train_batch_size: int = field(default=128, metadata={"help": "images per batch on each process"})
     max_train_steps: int = field(
-        default=3000, metadata={"help": "optimizer steps to train for (a resumed run continues up to it)"}
+        default=1500, metadata={"help": "optimizer steps to train for (a resumed run continues up to it)"}
     )
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "batches accumulated per optimizer step"}
@@ -194,6 +194,14 @@ class TrainingConfig:
     )
     torch_compile: bool = field(
         default=False, metadata={"help": "compile the U-Net with torch.compile (inductor)"}
+    )
+    cpu_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "torch threads per process when training on CPU (default: one thread for images of at most "
+            "16x16 pixels, where threads cost more than they gain, measured; else OMP_NUM_THREADS or torch's "
+            "choice)"
+        },
     )
     seed: int = field(default=0, metadata={"help": "random seed (weights, data order, noise, timesteps)"})
 
@@ -273,6 +281,8 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be zero or positive, got {getattr(self, name)}")
         if self.resolution is not None and self.resolution < 1:
             raise ValueError(f"resolution must be a positive number of pixels, got {self.resolution}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be a positive integer, got {self.cpu_threads}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(
                 f"checkpoints_total_limit must be at least 1, got {self.checkpoints_total_limit}"
@@ -438,11 +448,15 @@ def _num_classes(config: TrainingConfig, dataset: Any) -> int | None:
     return dataset.num_classes if dataset.num_classes >= 2 else None
 
 
+def _sample_size(config: TrainingConfig) -> int:
+    return config.resolution or (8 if config.train_data_dir is None else 32)
+
+
 def build_model(config: TrainingConfig, num_channels: int, num_classes: int | None) -> Any:
     """The U-Net of ``config``: ``DDPMUNet2DModel.from_preset`` with the data's shape and the overrides."""
     from .unet_ddpm import DDPMUNet2DModel
 
-    sample_size = config.resolution or (8 if config.train_data_dir is None else 32)
+    sample_size = _sample_size(config)
     preset = DDPMUNet2DModel.preset_config(config.model_preset)
     overrides: dict[str, Any] = {
         "sample_size": sample_size,
@@ -692,6 +706,14 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     )
     is_main = accelerator.is_main_process
 
+    previous_threads = torch.get_num_threads()
+    if accelerator.device.type == "cpu":
+        threads = config.cpu_threads
+        if threads is None and "OMP_NUM_THREADS" not in os.environ and _sample_size(config) <= 16:
+            threads = 1
+        if threads is not None:
+            torch.set_num_threads(threads)
+
     # data first: a bad folder fails before any model is built
     dataset = build_dataset(config)
     num_classes = _num_classes(config, dataset)
@@ -700,6 +722,8 @@ def train(config: TrainingConfig) -> dict[str, Any]:
             f"the dataset has {len(dataset)} images, fewer than one batch per process "
             f"({config.train_batch_size} x {accelerator.num_processes}); lower --train-batch-size"
         )
+
+    resume_path = _resolve_resume(config, output_dir)  # a missing checkpoint fails before anything is written
 
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -758,7 +782,6 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     progress = _Progress()
     accelerator.register_for_checkpointing(progress)
 
-    resume_path = _resolve_resume(config, output_dir)
     if resume_path is not None:
         accelerator.print(f"resuming from {resume_path}")
         accelerator.load_state(str(resume_path))
@@ -902,6 +925,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
             accelerator.print(f"pushed to {url}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    torch.set_num_threads(previous_threads)
     return {
         "global_step": progress.global_step,
         "loss": last_loss,

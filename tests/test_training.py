@@ -92,6 +92,11 @@ def test_flags_parse_to_typed_config_values():
         ({"label_dropout": 1.0}, "label_dropout must be in"),
         ({"block_out_channels": "8,x"}, "comma-separated integers"),
         ({"push_to_hub": True}, "hub_model_id"),
+        ({"cpu_threads": 0}, "cpu_threads must be a positive integer, got 0"),
+        (
+            {"model_preset": "mnist"},
+            "model_preset must be one of 'digits', 'cifar10', 'celebahq256', 'lsun256'",
+        ),
     ],
 )
 def test_invalid_values_raise_value_error_naming_them(overrides, message):
@@ -340,3 +345,4 @@ def test_empty_data_folder_fails_before_training(tmp_path, capsys):
 def test_resume_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train(tiny_config(tmp_path / "out", resume=str(tmp_path / "checkpoint-7")))
+    assert not (tmp_path / "out").exists()
