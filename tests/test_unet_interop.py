@@ -204,8 +204,9 @@ def test_full_size_conversion(config, batch):
     theirs = random_unet2d(config)
     ours = DDPMUNet2DModel.from_unet2d(theirs)
     size = config["sample_size"]
-    assert_same_outputs(ours, theirs, (batch, 3, size, size))
+    assert_same_outputs(ours, theirs, (batch, 3, size, size), timesteps=(3, 999)[:batch])
     if config is CIFAR10_CONFIG:
         assert sum(p.numel() for p in ours.parameters()) == 35_746_307
-        preset = DDPMUNet2DModel.from_preset("cifar10")
-        assert dict(preset.config) == dict(ours.config)
+        preset = DDPMUNet2DModel.from_preset("cifar10", use_null_class_embed=False)
+        public = {key: value for key, value in preset.config.items() if not key.startswith("_")}
+        assert public == {key: value for key, value in ours.config.items() if not key.startswith("_")}
