@@ -280,3 +280,24 @@ def test_compiles_with_inductor():
         expected = model(x, 5, class_labels=labels).sample
         out = compiled(x, 5, class_labels=labels).sample
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+
+
+def test_module_is_self_contained():
+    """Saved pipelines carry unet_ddpm.py as remote code: it may import only torch, diffusers, stdlib."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    import ddpm_components.unet_ddpm as module
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative import"
+            roots.add(node.module.split(".")[0])
+    assert roots - set(sys.stdlib_module_names) <= {"torch", "diffusers"}
+    for name in ("ModelMixin", "ConfigMixin"):  # diffusers looks the mixins up on the module
+        assert hasattr(module, name)

@@ -175,6 +175,8 @@ def test_from_pretrained_converts_a_unet2d_folder(tmp_path):
     ours = DDPMUNet2DModel.from_pretrained(tmp_path, subfolder="unet")
     assert isinstance(ours, DDPMUNet2DModel)
     assert_same_outputs(ours, theirs, (1, 3, 32, 32), timesteps=(500,))
+    as_double = DDPMUNet2DModel.from_pretrained(tmp_path, subfolder="unet", torch_dtype=torch.float64)
+    assert next(as_double.parameters()).dtype == torch.float64
     ours.save_pretrained(tmp_path / "ours")
     reloaded = DDPMUNet2DModel.from_pretrained(tmp_path / "ours")
     assert_same_outputs(reloaded, theirs, (1, 3, 32, 32), timesteps=(500,))
