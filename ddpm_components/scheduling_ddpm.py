@@ -32,6 +32,8 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import os
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal, get_args
@@ -276,6 +278,9 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(
                     f"trained_betas has {betas.numel()} values but num_train_timesteps={num_train_timesteps}."
                 )
+            if not isinstance(trained_betas, list):
+                # the config is saved as JSON, which holds neither tensors nor tuples: keep a list of floats
+                self.register_to_config(trained_betas=betas.tolist())
         elif beta_schedule == "linear":
             betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
         elif beta_schedule == "scaled_linear":
@@ -293,7 +298,12 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         if rescale_betas_zero_snr:
             betas = _rescale_zero_terminal_snr(betas)
         if not bool(((betas > 0) & (betas <= 1)).all()):
-            raise ValueError("betas must lie in (0, 1]; check beta_start, beta_end or trained_betas.")
+            raise ValueError(
+                f"betas must lie in (0, 1], but beta_schedule={beta_schedule!r} with beta_start={beta_start!r}, "
+                f"beta_end={beta_end!r}{' and trained_betas' if trained_betas is not None else ''} gives betas in "
+                f"[{betas.min().item():.6g}, {betas.max().item():.6g}]; choose beta_start and beta_end with "
+                "0 < beta_start <= beta_end <= 1 (or trained_betas in (0, 1])."
+            )
 
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self._betas64 = betas
@@ -515,6 +525,21 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        """Write ``scheduler_config.json`` atomically (temp file + ``os.replace``): diffusers' version opens the
+        target for writing before serialising, so a failure would leave it empty."""
+        text = self.to_json_string()
+        path = os.fspath(json_file_path)
+        directory, name = os.path.split(path)
+        temporary = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(temporary, "w", encoding="utf-8") as writer:
+                writer.write(text)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
 
     # ------------------------------------------------------------------------------------------------
     # Sampling step

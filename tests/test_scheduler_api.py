@@ -79,6 +79,27 @@ def test_trained_betas_round_trip(tmp_path):
     torch.testing.assert_close(loaded.betas, scheduler.betas, atol=0, rtol=0)
 
 
+def test_tensor_trained_betas_save_and_atomic_config_writes(tmp_path, monkeypatch):
+    """A tensor ``trained_betas`` is kept as a list in the config (JSON cannot hold a tensor), and
+    ``scheduler_config.json`` is replaced atomically: a failed save leaves the previous file intact."""
+    scheduler = DDPMScheduler(num_train_timesteps=50, trained_betas=torch.linspace(1e-4, 0.03, 50))
+    scheduler.save_pretrained(tmp_path)
+    loaded = DDPMScheduler.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.betas, scheduler.betas, atol=0, rtol=0)
+    theirs = DiffusersDDPMScheduler.from_pretrained(tmp_path)
+    torch.testing.assert_close(theirs.betas, scheduler.betas, atol=0, rtol=0)
+    before = (tmp_path / "scheduler_config.json").read_bytes()
+
+    def fail(self):
+        raise RuntimeError("serialisation failed")
+
+    monkeypatch.setattr(DDPMScheduler, "to_json_string", fail)
+    with pytest.raises(RuntimeError, match="serialisation failed"):
+        DDPMScheduler(num_train_timesteps=20).save_pretrained(tmp_path)
+    assert (tmp_path / "scheduler_config.json").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["scheduler_config.json"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Bad input: a ValueError naming the value and what is allowed
 # ---------------------------------------------------------------------------------------------------------
@@ -103,7 +124,9 @@ def test_bad_construction_values():
         DDPMScheduler(num_train_timesteps=0)
     with pytest.raises(ValueError, match="trained_betas has 3 values"):
         DDPMScheduler(num_train_timesteps=10, trained_betas=[0.1, 0.2, 0.3])
-    with pytest.raises(ValueError, match=r"betas must lie in \(0, 1\]"):
+    with pytest.raises(
+        ValueError, match=r"betas must lie in \(0, 1\].*beta_end=1\.5 gives betas in \[0\.1, 1\.5\]"
+    ):
         DDPMScheduler(beta_start=0.1, beta_end=1.5)
     with pytest.raises(ValueError, match=r"dynamic_thresholding_ratio=1\.5"):
         DDPMScheduler(dynamic_thresholding_ratio=1.5)
