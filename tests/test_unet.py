@@ -9,6 +9,9 @@ import torch
 
 from ddpm_components.unet_ddpm import PRESETS, DDPMUNet2DModel, DDPMUNet2DOutput
 
+# tiny models run faster on one thread on the shared 2-core machine (fixture in conftest.py)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 TINY = {
     "sample_size": 16,
     "in_channels": 3,

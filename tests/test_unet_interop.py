@@ -10,6 +10,9 @@ from diffusers import UNet2DModel
 
 from ddpm_components.unet_ddpm import DDPMUNet2DModel
 
+# tiny models run faster on one thread on the shared 2-core machine (fixture in conftest.py)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 # google/ddpm-cifar10-32's configuration, with smaller channel counts unless `full` is asked for
 CIFAR10_CONFIG = {
     "sample_size": 32,
