@@ -16,6 +16,7 @@ import contextlib
 import inspect
 import json
 import logging
+import numbers
 import os
 import re
 import shutil
@@ -215,6 +216,15 @@ class DDPMPipeline(DiffusionPipeline):
                     "pass num_inference_steps instead"
                 )
             self.scheduler.set_timesteps(timesteps=list(timesteps), **device_kwargs)
+        elif isinstance(num_inference_steps, str):
+            try:
+                self.scheduler.set_timesteps(num_inference_steps, **device_kwargs)
+            except TypeError as error:  # e.g. diffusers' schedulers compare the string with an int
+                raise ValueError(
+                    f"num_inference_steps={num_inference_steps!r} is a respacing string, which "
+                    f"{type(self.scheduler).__name__}.set_timesteps does not take; pass an integer number of "
+                    "steps (or timesteps=[...]), or use ddpm_components' DDPMScheduler for respacing strings"
+                ) from error
         else:
             self.scheduler.set_timesteps(num_inference_steps, **device_kwargs)
 
@@ -267,10 +277,19 @@ class DDPMPipeline(DiffusionPipeline):
         _check_choice("output_type", output_type, get_args(OutputType))
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        integer_steps = isinstance(num_inference_steps, int) and num_inference_steps >= 1
+        integer_steps = (
+            isinstance(num_inference_steps, numbers.Integral)
+            and not isinstance(num_inference_steps, bool)
+            and num_inference_steps >= 1
+        )
         if timesteps is None and not integer_steps and not isinstance(num_inference_steps, str):
             # (strings such as "ddim50" are respacings that the scheduler validates)
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+            raise ValueError(
+                f"num_inference_steps must be a positive integer or a respacing string such as 'ddim50', got "
+                f"{num_inference_steps!r}"
+            )
+        if integer_steps:
+            num_inference_steps = int(num_inference_steps)  # numpy integers too
         if image is not None and not 0.0 < strength <= 1.0:
             raise ValueError(
                 f"strength must be in (0, 1] (the fraction of the schedule to run), got {strength}"

@@ -257,7 +257,7 @@ def test_classifier_free_guidance_matches_reference_loop(learned_variance):
     [
         ({"output_type": "jpeg"}, r"output_type must be one of 'pil', 'np', 'pt'; got 'jpeg'"),
         ({"batch_size": 0}, "batch_size must be a positive integer"),
-        ({"num_inference_steps": 0}, "num_inference_steps must be a positive integer"),
+        ({"num_inference_steps": 0}, "num_inference_steps must be a positive integer or a respacing string"),
         ({"image": torch.rand(1, 1, 8, 8), "strength": 0.0}, r"strength must be in \(0, 1\]"),
         ({"image": torch.rand(1, 1, 8, 8), "strength": 1.5}, r"strength must be in \(0, 1\]"),
         ({"strength": 0.5}, "only applies to image-to-image"),
@@ -299,3 +299,20 @@ def test_class_label_errors():
         no_null(num_inference_steps=2)
     with pytest.raises(ValueError, match="does not accept custom timesteps"):
         DDPMPipeline(unet=tiny_unet(), scheduler=diffusers.DDIMScheduler(50))(timesteps=[10, 0])
+
+
+def test_num_inference_steps_forms():
+    """numpy integers count as integers; a respacing string for a scheduler that cannot take one (diffusers'
+    compare it with an int: TypeError) and a bool are ValueErrors that say what is allowed."""
+    pipeline = tiny_pipeline()
+    a = pipeline(generator=_seed(), num_inference_steps=np.int64(3), output_type="pt").images
+    b = pipeline(generator=_seed(), num_inference_steps=3, output_type="pt").images
+    assert torch.equal(a, b) and pipeline.num_timesteps == 3
+    with pytest.raises(ValueError, match=r"must be a positive integer or a respacing string.*got True"):
+        pipeline(num_inference_steps=True)
+    theirs = DDPMPipeline(unet=tiny_unet(), scheduler=diffusers.DDPMScheduler(50))
+    with pytest.raises(
+        ValueError,
+        match=r"num_inference_steps='ddim5' is a respacing string, which DDPMScheduler\.set_timesteps",
+    ):
+        theirs(num_inference_steps="ddim5")
