@@ -181,18 +181,26 @@ def test_stable_diffusion_pipeline_with_our_scheduler(tiny_stable_diffusion):
     for key in ("beta_start", "beta_end", "beta_schedule", "steps_offset", "prediction_type"):
         assert pipe.scheduler.config[key] == original.config[key], key
     assert public_config(pipe.scheduler) == public_config(DiffusersDDPMScheduler.from_config(original.config))
+    call = dict(
+        prompt="a red square",
+        height=16,
+        width=16,
+        num_inference_steps=4,
+        guidance_scale=2.0,
+        output_type="np",
+    )
     try:
-        out = pipe(
-            "a red square",
-            height=16,
-            width=16,
-            num_inference_steps=4,
-            guidance_scale=2.0,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-        )
+        out = pipe(**call, generator=torch.Generator().manual_seed(0))
         assert out.images.shape == (1, 16, 16, 3)
         assert np.isfinite(out.images).all()
+        # the same images as diffusers' own DDPMScheduler in the same pipeline (same seed, same draws)
+        pipe.scheduler = DiffusersDDPMScheduler.from_config(original.config)
+        expected = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+        pipe.scheduler = DDPMScheduler.from_config(original.config)
+        np.testing.assert_allclose(out.images, expected, atol=1e-4, rtol=0)
+        assert not np.allclose(
+            pipe(**call, generator=torch.Generator().manual_seed(1)).images, expected, atol=1e-3
+        )  # the comparison can see a different seed
         assert pipe.scheduler.timesteps.tolist() == [751, 501, 251, 1]  # leading spacing with steps_offset=1
         # back to diffusers' scheduler: our config keeps everything the other scheduler had
         back = PNDMScheduler.from_config(pipe.scheduler.config)
