@@ -67,9 +67,26 @@ def test_sample_class_labels_guidance_and_init_image(saved_models, tmp_path: Pat
         init
     )  # RGB, other size: converted, resized
     assert (
-        main([*common, "--init-image", str(init), "--strength", "0.3", "--out", str(tmp_path / "i.png")]) == 0
+        main([*common, "--init-image", str(init), "--strength", "0.7", "--out", str(tmp_path / "i.png")]) == 0
     )
-    assert Image.open(tmp_path / "i.png").size == (16, 8)
+    grid = np.asarray(Image.open(tmp_path / "i.png"))
+    assert grid.shape == (8, 16)
+    # the grid holds the pipeline's image-to-image result for that image (greyscale, 8x8) and strength
+    pipeline = DDPMPipeline.from_pretrained(model)
+    pipeline.set_progress_bar_config(disable=True)
+    grey = Image.new("L", (8, 8), 200)
+    for strength, same in ((0.7, True), (0.25, False)):
+        expected = pipeline(
+            batch_size=2,
+            generator=torch.Generator().manual_seed(0),
+            num_inference_steps=4,
+            image=grey,
+            strength=strength,
+        ).images
+        matches = all(
+            np.array_equal(grid[:, 8 * i : 8 * i + 8], np.asarray(image)) for i, image in enumerate(expected)
+        )
+        assert matches == same, strength
 
 
 @pytest.mark.parametrize(
