@@ -278,9 +278,8 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(
                     f"trained_betas has {betas.numel()} values but num_train_timesteps={num_train_timesteps}."
                 )
-            if not isinstance(trained_betas, list):
-                # the config is saved as JSON, which holds neither tensors nor tuples: keep a list of floats
-                self.register_to_config(trained_betas=betas.tolist())
+            # the config is saved as JSON, which holds no tensors nor numpy float32 values: keep Python floats
+            self.register_to_config(trained_betas=betas.tolist())
         elif beta_schedule == "linear":
             betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
         elif beta_schedule == "scaled_linear":

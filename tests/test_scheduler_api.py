@@ -88,6 +88,9 @@ def test_tensor_trained_betas_save_and_atomic_config_writes(tmp_path, monkeypatc
     torch.testing.assert_close(loaded.betas, scheduler.betas, atol=0, rtol=0)
     theirs = DiffusersDDPMScheduler.from_pretrained(tmp_path)
     torch.testing.assert_close(theirs.betas, scheduler.betas, atol=0, rtol=0)
+    as_numpy_floats = list(scheduler.betas.numpy())  # numpy float32 scalars: not JSON serialisable either
+    DDPMScheduler(num_train_timesteps=50, trained_betas=as_numpy_floats).save_pretrained(tmp_path)
+    torch.testing.assert_close(DDPMScheduler.from_pretrained(tmp_path).betas, scheduler.betas, atol=0, rtol=0)
     before = (tmp_path / "scheduler_config.json").read_bytes()
 
     def fail(self):
