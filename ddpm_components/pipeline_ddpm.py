@@ -429,7 +429,14 @@ class DDPMPipeline(DiffusionPipeline):
             sample_grid: an optional PIL image saved as ``samples.png`` and shown in the model card.
         """
         _check_choice("layout", layout, get_args(SaveLayout))
-        target = Path(save_directory)
+        target = Path(os.path.abspath(save_directory))  # "out/../out" -> "out", so renaming works
+        working_directory = Path.cwd()
+        if target == working_directory or target in working_directory.parents:
+            raise ValueError(
+                f"save_directory={str(save_directory)!r} is the current folder or one of its parents, which a save "
+                "cannot replace (the pipeline is written beside the target and renamed into place); pass a folder "
+                "of its own, e.g. './my-ddpm'"
+            )
         with _atomic_directory(target) as folder:
             super().save_pretrained(
                 folder,

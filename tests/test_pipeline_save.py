@@ -124,6 +124,19 @@ def test_save_replaces_atomically_and_keeps_other_files(tmp_path: Path, monkeypa
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(NotADirectoryError, match="exists and is not a folder"):
         changed.save_pretrained(tmp_path / "a_file")
+    # the current folder (or a parent) cannot be renamed into place: a clear ValueError, nothing written
+    monkeypatch.chdir(target)
+    for name in (".", "", "unet/.."):
+        with pytest.raises(ValueError, match=rf"save_directory='{name}' is the current folder or one of"):
+            changed.save_pretrained(name)
+    with pytest.raises(
+        ValueError, match=r"save_directory='\.\.' is the current folder or one of its parents"
+    ):
+        changed.save_pretrained("..")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "out"]
+    # a path that only passes through other folders is normalised and saved
+    changed.save_pretrained("../out/../elsewhere")
+    assert (tmp_path / "elsewhere" / "model_index.json").is_file()
 
 
 def test_from_pretrained_errors(tmp_path: Path):
