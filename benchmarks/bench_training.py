@@ -15,7 +15,7 @@ Every row runs in a fresh subprocess (so that its peak memory is its own: peak R
 median images/s, the ratio to the baseline (above 1: faster than the baseline) and the peak memory.
 
     python benchmarks/bench_training.py --quick            # fewer steps, one repetition
-    python benchmarks/bench_training.py --threads 1        # steadier on a shared machine
+    python benchmarks/bench_training.py --threads 1 --clock cpu   # steadier on a shared machine
     python benchmarks/bench_training.py --device cuda      # GPU rows
 """
 
@@ -62,11 +62,12 @@ def _plain_loop(row: str, args: argparse.Namespace) -> float:
     images, labels = digits_tensor(args.resolution)
     images, labels = images.to(device), labels.to(device)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            started = time.perf_counter()
+            started = clock()
         index = torch.randint(0, images.shape[0], (args.batch_size,), device=device)
         original = images[index]
         noise = torch.randn_like(original)
@@ -79,7 +80,7 @@ def _plain_loop(row: str, args: argparse.Namespace) -> float:
         optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return args.steps * args.batch_size / (time.perf_counter() - started)
+    return args.steps * args.batch_size / (clock() - started)
 
 
 def _our_train(args: argparse.Namespace) -> float:
@@ -104,7 +105,8 @@ def _our_train(args: argparse.Namespace) -> float:
         train(config)
         with open(os.path.join(folder, "metrics.jsonl")) as handle:
             records = [json.loads(line) for line in handle]
-    by_step = {record["step"]: record["wall_time"] for record in records}
+    key = "cpu_time" if args.clock == "cpu" else "wall_time"
+    by_step = {record["step"]: record[key] for record in records}
     elapsed = by_step[args.warmup + args.steps] - by_step[args.warmup]
     return args.steps * args.batch_size / elapsed
 
@@ -131,6 +133,12 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall: elapsed time; cpu: the process's CPU time (steadier on a shared machine, CPU only)",
+    )
     parser.add_argument("--quick", action="store_true", help="--steps 10 --repeats 1")
     parser.add_argument(
         "--row", choices=ROWS, help=argparse.SUPPRESS
@@ -156,6 +164,7 @@ def main() -> None:
         str(args.resolution),
     ]
     forwarded += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    forwarded += ["--clock", args.clock]
     for repeat in range(args.repeats):
         for row in ROWS:
             output = subprocess.run(
@@ -178,7 +187,8 @@ def main() -> None:
     print(
         f"\ntraining throughput, digits preset ({args.resolution}x{args.resolution}, class-conditional), "
         f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup}, median of {args.repeats}; "
-        f"device {args.device} ({device_name}), torch threads {args.threads or torch.get_num_threads()}"
+        f"device {args.device} ({device_name}), torch threads {args.threads or torch.get_num_threads()}, "
+        f"{args.clock} clock"
     )
     baseline = statistics.median(r["images_per_second"] for r in results["diffusers-loop"])
     header = f"{'row':<24} {'images/s':>10} {'vs diffusers':>13} {'peak MiB':>10}"
