@@ -212,14 +212,17 @@ class Upsample(nn.Module):
 
     Computed as one stride-2 transposed convolution with a 4x4 kernel whose taps are sums of the 3x3
     kernel's taps: the same function without materialising the up-sampled input, with 16 instead of 36
-    multiply-adds per input pixel and channel pair. Outside autograd (inference) the derived kernel is
-    cached until the 3x3 weight changes.
+    multiply-adds per input pixel and channel pair. Outside autograd on CPU (inference) the derived kernel
+    is cached together with a copy of the 3x3 weight it came from, and reused only while the weight still
+    equals that copy: in-place writes that bypass the version counter (``param.data.copy_`` as in
+    ``EMAModel.copy_to``/``restore``, fused optimizers) must not leave a stale kernel. On other devices the
+    kernel is rebuilt each call (comparing would synchronise with the device).
     """
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def transposed_kernel(self) -> torch.Tensor:
         """``(C_in, C_out, 4, 4)``: the stride-2 transposed-convolution kernel equal to nearest-2x + conv3x3.
@@ -235,13 +238,19 @@ class Upsample(nn.Module):
 
     def _kernel(self) -> torch.Tensor:
         weight = self.conv.weight
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and weight.requires_grad):
+        if (
+            torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and weight.requires_grad)
+            or weight.device.type != "cpu"
+        ):
             return self.transposed_kernel()
-        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                self._cache = (key, self.transposed_kernel())
-        return self._cache[1]
+        with torch.no_grad():
+            key = (weight.shape, weight.dtype, weight.device)
+            # the version counter and data pointer miss writes through ``.data`` and fused optimizer
+            # steps, so the weight itself is compared (a tenth of the cost of rebuilding the kernel)
+            if self._cache is None or self._cache[0] != key or not torch.equal(self._cache[1], weight):
+                self._cache = (key, weight.detach().clone(), self.transposed_kernel())
+        return self._cache[2]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return F.conv_transpose2d(hidden_states, self._kernel(), self.conv.bias, stride=2, padding=1)

@@ -304,3 +304,39 @@ def test_module_is_self_contained():
     assert roots - set(sys.stdlib_module_names) <= {"torch", "diffusers"}
     for name in ("ModelMixin", "ConfigMixin"):  # diffusers looks the mixins up on the module
         assert hasattr(module, name)
+
+
+def test_upsample_kernel_cache_follows_writes_that_bypass_the_version_counter():
+    """EMAModel.copy_to/restore write through ``param.data`` and fused AdamW updates in place without
+    bumping ``weight._version``: an eval-mode call after either must use the new weights."""
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(2, 3, 8, 8)
+
+    def fresh() -> torch.Tensor:
+        for module in model.modules():
+            if hasattr(module, "_cache"):
+                module._cache = None
+        with torch.no_grad():
+            return model(x, 10).sample
+
+    def cached() -> torch.Tensor:
+        with torch.no_grad():
+            return model(x, 10).sample
+
+    cached()  # fills the cache
+    ema = EMAModel([torch.randn_like(p) for p in model.parameters()])
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())  # param.data.copy_
+    torch.testing.assert_close(cached(), fresh(), atol=1e-5, rtol=0)
+    ema.restore(model.parameters())
+    torch.testing.assert_close(cached(), fresh(), atol=1e-5, rtol=0)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    model.train()
+    model(x, 10).sample.square().mean().backward()
+    optimizer.step()
+    model.eval()
+    torch.testing.assert_close(cached(), fresh(), atol=1e-5, rtol=0)
