@@ -288,11 +288,22 @@ def test_stop_and_resume_gives_the_same_weights_as_one_run(tmp_path):
 
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     summary = train(
-        tiny_config(tmp_path / "acc", max_train_steps=3, gradient_accumulation_steps=2, checkpointing_steps=0)
+        tiny_config(
+            tmp_path / "acc",
+            max_train_steps=3,
+            gradient_accumulation_steps=2,
+            checkpointing_steps=3,
+            debug_record=True,
+        )
     )
     assert summary["global_step"] == 3
     first = json.loads((tmp_path / "acc" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == 1
+    # 3 optimizer steps consumed 2 micro-batches each, and AdamW stepped once per optimizer step
+    lines = (tmp_path / "acc" / "debug" / "sample_indices.jsonl").read_text().splitlines()
+    assert [json.loads(line)["micro_step"] for line in lines] == list(range(6))
+    state = torch.load(tmp_path / "acc" / "checkpoint-3" / "optimizer.bin", weights_only=True)["state"]
+    assert state and all(int(entry["step"]) == 3 for entry in state.values())
 
 
 def test_folder_data_learned_variance_v_prediction_min_snr_checkpointing_tensorboard(tmp_path):
