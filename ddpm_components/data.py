@@ -117,6 +117,15 @@ def _is_readable_image(path: Path) -> str | None:
     return None
 
 
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit greyscale (modes ``I;16*`` and ``I``, e.g. 16-bit PNGs) scaled to 8-bit ``L``; other modes as they
+    are. Pillow's own ``convert("L")`` clips such images at 255, turning almost every pixel white."""
+    if image.mode != "I" and not image.mode.startswith("I;16"):
+        return image
+    array = np.asarray(image).astype(np.float64).clip(0, 65535)
+    return Image.fromarray(np.rint(array / 257.0).astype(np.uint8), mode="L")
+
+
 class ImageFolderDataset(Dataset):
     """Every image under a folder, recursively, for training.
 
@@ -209,7 +218,7 @@ class ImageFolderDataset(Dataset):
     def load_image(self, index: int) -> torch.Tensor:
         """Decode, resize, crop and flip image ``index``; ``(C, R, R)`` float in [-1, 1]."""
         with Image.open(self.paths[index]) as image:
-            image = image.convert("L" if self.color_mode == "grayscale" else "RGB")
+            image = _to_8_bit(image).convert("L" if self.color_mode == "grayscale" else "RGB")
             width, height = image.size
             scale = self.resolution / min(width, height)
             size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))

@@ -67,6 +67,17 @@ def test_folder_without_subfolders_is_unlabelled_and_grayscale(tmp_path):
     assert ImageFolderDataset(tmp_path, resolution=4, use_labels=False).num_classes == 0
 
 
+@pytest.mark.parametrize("color_mode", ["grayscale", "rgb"])
+def test_16_bit_grayscale_png_keeps_its_grey_levels(tmp_path, color_mode):
+    # Pillow opens these as mode I;16 and its convert("L") clips at 255: mid-grey came out white
+    _write(tmp_path / "grey16.png", np.full((12, 12), 32896, dtype=np.uint16))  # 128 * 257
+    dataset = ImageFolderDataset(tmp_path, resolution=4, color_mode=color_mode)
+    channels = 1 if color_mode == "grayscale" else 3
+    torch.testing.assert_close(
+        dataset[0]["pixel_values"], torch.full((channels, 4, 4), 128 / 127.5 - 1), atol=1e-6, rtol=0
+    )
+
+
 def test_center_crop_random_crop_and_flip(tmp_path):
     # 8 rows x 16 columns: column j has grey value 10 * j; resized shorter side 8 == no resize
     array = np.tile((np.arange(16, dtype=np.uint8) * 10)[None, :], (8, 1))
