@@ -293,8 +293,12 @@ class TrainingConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be positive, got {self.snr_gamma}")
-        if self.vlb_weight < 0 or self.max_grad_norm < 0:
-            raise ValueError("vlb_weight and max_grad_norm must be zero or positive")
+        for name in ("vlb_weight", "max_grad_norm", "adam_weight_decay"):
+            if not getattr(self, name) >= 0:  # also rejects NaN
+                raise ValueError(f"{name} must be zero or positive, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 < self.ema_max_decay < 1.0:
             raise ValueError(f"ema_max_decay must be in (0, 1), got {self.ema_max_decay}")
         if self.block_out_channels is not None:

@@ -93,6 +93,9 @@ def test_flags_parse_to_typed_config_values():
         ({"block_out_channels": "8,x"}, "comma-separated integers"),
         ({"push_to_hub": True}, "hub_model_id"),
         ({"cpu_threads": 0}, "cpu_threads must be a positive integer, got 0"),
+        ({"vlb_weight": -0.5}, "vlb_weight must be zero or positive, got -0.5"),
+        ({"max_grad_norm": -1.0}, "max_grad_norm must be zero or positive, got -1.0"),
+        ({"adam_beta2": 1.0}, r"adam_beta2 must be in \[0, 1\), got 1.0"),
         (
             {"model_preset": "mnist"},
             "model_preset must be one of 'digits', 'cifar10', 'celebahq256', 'lsun256'",
