@@ -933,6 +933,12 @@ def train(config: TrainingConfig) -> dict[str, Any]:
             accelerator.print(f"pushed to {url}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if accelerator.num_processes == 1:
+        # accelerate keeps the first Accelerator's mixed precision in a process-wide singleton and refuses a
+        # different one later: forget it, so that train() can run again in this process (a notebook, tests)
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
     torch.set_num_threads(previous_threads)
     return {
         "global_step": progress.global_step,

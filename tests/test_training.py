@@ -258,6 +258,17 @@ def test_tiny_training_run_writes_the_loadable_pipeline_and_records(tmp_path):
     assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
 
 
+def test_train_runs_again_in_the_same_process_with_another_mixed_precision(tmp_path):
+    # accelerate refused the second run: "AcceleratorState has already been initialized"
+    for precision in ("no", "bf16"):
+        summary = train(
+            tiny_config(
+                tmp_path / precision, max_train_steps=1, checkpointing_steps=0, mixed_precision=precision
+            )
+        )
+        assert summary["global_step"] == 1 and math.isfinite(summary["loss"])
+
+
 def test_saved_weights_are_the_ema_weights(tmp_path):
     with_ema = train(tiny_config(tmp_path / "ema", max_train_steps=3, checkpointing_steps=0))
     without = train(tiny_config(tmp_path / "raw", max_train_steps=3, checkpointing_steps=0, use_ema=False))
