@@ -199,6 +199,15 @@ class ImageFolderDataset(Dataset):
 
         folders = [path.relative_to(self.root).parts for path in paths]
         labelled = use_labels and all(len(parts) >= 2 for parts in folders)
+        loose = [path for path, parts in zip(paths, folders) if len(parts) < 2]
+        if use_labels and loose and len(loose) < len(paths):
+            logger.warning(
+                "%d image(s) lie directly in %s and not in a class sub-folder (e.g. %s): the dataset is "
+                "unlabelled; move them into sub-folders for class labels",
+                len(loose),
+                self.root,
+                loose[0].name,
+            )
         if labelled:
             self.class_names: tuple[str, ...] = tuple(sorted({parts[0] for parts in folders}))
             index = {name: label for label, name in enumerate(self.class_names)}

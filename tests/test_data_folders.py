@@ -78,6 +78,16 @@ def test_16_bit_grayscale_png_keeps_its_grey_levels(tmp_path, color_mode):
     )
 
 
+def test_stray_image_beside_class_folders_is_reported(tmp_path, caplog):
+    _write(tmp_path / "cats" / "a.png", _solid(10))
+    _write(tmp_path / "dogs" / "b.png", _solid(20))
+    _write(tmp_path / "stray.png", _solid(30))
+    with caplog.at_level(logging.WARNING, logger="ddpm_components.data"):
+        dataset = ImageFolderDataset(tmp_path, resolution=4)
+    assert dataset.num_classes == 0 and dataset.labels is None
+    assert "stray.png" in caplog.text and "class sub-folder" in caplog.text
+
+
 def test_center_crop_random_crop_and_flip(tmp_path):
     # 8 rows x 16 columns: column j has grey value 10 * j; resized shorter side 8 == no resize
     array = np.tile((np.arange(16, dtype=np.uint8) * 10)[None, :], (8, 1))
