@@ -300,6 +300,31 @@ def test_stop_and_resume_gives_the_same_weights_as_one_run(tmp_path):
     assert steps == list(range(1, 19))
 
 
+def test_resume_puts_the_ema_weights_back_on_the_training_device(tmp_path, monkeypatch):
+    """accelerate's load_state restores registered objects with map_location="cpu"; on a GPU the EMA shadow
+    weights then sat on the CPU and the next EMA step failed. Here (CPU only) the test checks that the EMA
+    is moved to the accelerator's device after its state was loaded."""
+    from diffusers.training_utils import EMAModel
+
+    train(tiny_config(tmp_path / "run", max_train_steps=2, checkpointing_steps=2))
+    events = []
+    original_load, original_to = EMAModel.load_state_dict, EMAModel.to
+
+    def load_state_dict(self, state_dict):
+        events.append("load")
+        return original_load(self, state_dict)
+
+    def to(self, device=None, dtype=None, **kwargs):
+        events.append(("to", str(device)))
+        return original_to(self, device=device, dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(EMAModel, "load_state_dict", load_state_dict)
+    monkeypatch.setattr(EMAModel, "to", to)
+    summary = train(tiny_config(tmp_path / "run", max_train_steps=3, checkpointing_steps=0, resume="latest"))
+    assert summary["global_step"] == 3
+    assert "load" in events and ("to", "cpu") in events[events.index("load") :]
+
+
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     summary = train(
         tiny_config(
