@@ -792,9 +792,8 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     if resume_path is not None:
         accelerator.print(f"resuming from {resume_path}")
         accelerator.load_state(str(resume_path))
-        if (
-            ema is not None
-        ):  # accelerate loads registered objects' tensors onto the CPU: back to the model's device
+        if ema is not None:
+            # accelerate loads registered objects' tensors onto the CPU: back to the model's device
             ema.to(accelerator.device)
     elif config.resume == "latest":
         accelerator.print(f"no checkpoint in {output_dir}: starting from step 0")
