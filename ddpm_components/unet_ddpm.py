@@ -248,7 +248,13 @@ class Upsample(nn.Module):
             key = (weight.shape, weight.dtype, weight.device)
             # the version counter and data pointer miss writes through ``.data`` and fused optimizer
             # steps, so the weight itself is compared (a tenth of the cost of rebuilding the kernel)
-            if self._cache is None or self._cache[0] != key or not torch.equal(self._cache[1], weight):
+            if (
+                self._cache is None
+                or self._cache[0] != key
+                # a kernel made under torch.inference_mode cannot enter autograd (an input requiring grad)
+                or (self._cache[2].is_inference() and not torch.is_inference_mode_enabled())
+                or not torch.equal(self._cache[1], weight)
+            ):
                 self._cache = (key, weight.detach().clone(), self.transposed_kernel())
         return self._cache[2]
 

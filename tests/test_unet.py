@@ -340,3 +340,16 @@ def test_upsample_kernel_cache_follows_writes_that_bypass_the_version_counter():
     optimizer.step()
     model.eval()
     torch.testing.assert_close(cached(), fresh(), atol=1e-5, rtol=0)
+
+
+def test_frozen_model_takes_input_gradients_after_an_inference_mode_call():
+    # the kernel cached under inference_mode was an inference tensor: autograd refused it afterwards
+    model = make().requires_grad_(False)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.inference_mode():
+        expected = model(x, 3).sample
+    x.requires_grad_(True)
+    out = model(x, 3).sample
+    out.square().sum().backward()
+    torch.testing.assert_close(out.detach(), expected, atol=1e-6, rtol=0)
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
