@@ -795,6 +795,11 @@ def train(config: TrainingConfig) -> dict[str, Any]:
         if ema is not None:
             # accelerate loads registered objects' tensors onto the CPU: back to the model's device
             ema.to(accelerator.device)
+        # the optimizer comes back with the learning rate the checkpoint's schedule gave for the next step; a
+        # larger --max-train-steps changes the schedule, so take that step's rate from the new one
+        schedule = lr_scheduler.scheduler  # a LambdaLR for every --lr-scheduler choice
+        for group, base, factor in zip(optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+            group["lr"] = base * factor(schedule.last_epoch)
     elif config.resume == "latest":
         accelerator.print(f"no checkpoint in {output_dir}: starting from step 0")
     start_step = progress.global_step

@@ -325,6 +325,22 @@ def test_resume_puts_the_ema_weights_back_on_the_training_device(tmp_path, monke
     assert "load" in events and ("to", "cpu") in events[events.index("load") :]
 
 
+def test_resume_with_more_steps_uses_the_new_schedule_from_the_first_resumed_step(tmp_path):
+    # cosine over 4 steps ends at lr 0; resumed to 6 steps, step 5 must use the 6-step schedule's rate
+    # (it used the checkpoint's 0 and changed nothing)
+    common = dict(lr_scheduler="cosine", checkpoints_total_limit=None, use_ema=False)
+    train(tiny_config(tmp_path / "run", max_train_steps=4, checkpointing_steps=4, **common))
+    train(tiny_config(tmp_path / "run", max_train_steps=6, checkpointing_steps=1, resume="latest", **common))
+    step4 = load_file(tmp_path / "run" / "checkpoint-4" / "model.safetensors")
+    step5 = load_file(tmp_path / "run" / "checkpoint-5" / "model.safetensors")
+    assert any(not torch.equal(step4[name], step5[name]) for name in step4)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # the rate logged after step 5 is the 6-step cosine's for step 6: lr * (1 + cos(pi * 5 / 6)) / 2
+    expected = 2e-3 * (1 + math.cos(math.pi * 5 / 6)) / 2
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[4]["lr"] == pytest.approx(expected, rel=1e-6)
+
+
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     summary = train(
         tiny_config(
