@@ -61,7 +61,7 @@ def _run_forward(args: argparse.Namespace) -> int:
     from diffusers.utils import make_image_grid
     from PIL import Image
 
-    from .data import digits_tensor, to_uint8_images
+    from .data import digits_tensor, save_png, to_uint8_images
     from .scheduling_ddpm import DDPMScheduler
 
     if args.num_columns < 2:
@@ -78,10 +78,7 @@ def _run_forward(args: argparse.Namespace) -> int:
     stacked = torch.stack(columns, dim=1).flatten(0, 1)
     pil_images = [Image.fromarray(a.squeeze(-1), mode="L") for a in to_uint8_images(stacked)]
     grid = make_image_grid(pil_images, rows=args.num_images, cols=args.num_columns)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    grid.save(tmp, format="PNG")
-    tmp.replace(args.out)
+    save_png(grid, args.out)
     print(
         f"wrote {args.out}: {args.num_images} digits; columns x_0, then x_t for t = {', '.join(map(str, steps.tolist()))}"
     )
@@ -225,17 +222,6 @@ def _add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run_sample)
 
 
-def _save_png(image, path: Path) -> None:
-    """Write a PIL image as PNG atomically (temp file + os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _run_sample(args: argparse.Namespace) -> int:
     import math
 
@@ -243,6 +229,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     from diffusers.utils import make_image_grid
     from PIL import Image
 
+    from .data import save_png
     from .hub import HubError, load_pipeline
 
     if args.strength is not None and args.init_image is None:
@@ -285,10 +272,10 @@ def _run_sample(args: argparse.Namespace) -> int:
     blank = Image.new(images[0].mode, images[0].size)
     grid = make_image_grid(images + [blank] * (rows * columns - len(images)), rows=rows, cols=columns)
     grid = grid.convert(images[0].mode)  # make_image_grid pastes onto RGB; keep greyscale greyscale
-    _save_png(grid, args.out)
+    save_png(grid, args.out)
     if args.save_individual is not None:
         for index, image in enumerate(images):
-            _save_png(image, args.save_individual / f"{index:04d}.png")
+            save_png(image, args.save_individual / f"{index:04d}.png")
     where = f" and {len(images)} images in {args.save_individual}" if args.save_individual is not None else ""
     print(f"wrote {args.out} ({len(images)} images, {args.steps} steps, seed {args.seed}){where}")
     return 0

@@ -7,6 +7,7 @@ serves it for training; :class:`ImageFolderDataset` serves any folder of images 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
@@ -263,3 +264,26 @@ class ImageFolderDataset(Dataset):
             label = self.labels[current] if self.labels is not None else -1
             return {"pixel_values": pixel_values, "class_labels": torch.tensor(label), "index": current}
         raise RuntimeError(f"no image under {str(self.root)!r} can be read any more")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file beside it, fsync and ``os.replace``: readers see the
+    old file or the new one, never half of one, and a failed write leaves no temporary file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def save_png(image: Image.Image, path: str | os.PathLike) -> None:
+    """Save a PIL image as PNG atomically (see :func:`atomic_write_bytes`)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())

@@ -334,27 +334,10 @@ def parse_channels(text: str) -> tuple[int, ...]:
 
 
 # ---------------------------------------------------------------------------------------------- files
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
+    from .data import atomic_write_bytes
 
-
-def _save_image_atomic(image: Any, path: Path) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -691,6 +674,8 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
+    from .data import save_png
+
     config.validate()
     started, started_cpu = time.perf_counter(), time.process_time()
     output_dir = Path(config.output_dir)
@@ -908,7 +893,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
                 grid = sample_grid(
                     _ema_unet(accelerator, model, ema), scheduler, config, num_classes, accelerator.device
                 )
-                _save_image_atomic(grid, output_dir / "samples" / f"step-{step:07d}.png")
+                save_png(grid, output_dir / "samples" / f"step-{step:07d}.png")
             accelerator.wait_for_everyone()
     bar.close()
 
