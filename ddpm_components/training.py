@@ -55,9 +55,7 @@ CropMode = Literal["center", "random"]
 CHECKPOINT_PREFIX = "checkpoint-"
 _TEMPORARY_PREFIX = "tmp-checkpoint-"
 _DELETING_PREFIX = "deleting-checkpoint-"
-TRAINING_CONFIG_NAME = "training_config.json"
 METRICS_NAME = "metrics.jsonl"
-SAMPLE_GRID_NAME = "samples.png"
 
 
 @dataclass
@@ -675,6 +673,7 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from .data import save_png
+    from .pipeline_ddpm import TRAINING_CONFIG_NAME, DDPMPipeline
 
     config.validate()
     started, started_cpu = time.perf_counter(), time.process_time()
@@ -906,8 +905,6 @@ def train(config: TrainingConfig) -> dict[str, Any]:
 
     accelerator.wait_for_everyone()
     if is_main:
-        from .pipeline_ddpm import DDPMPipeline
-
         for tracker in accelerator.trackers:  # flush and close the logs before the output folder is rewritten
             tracker.finish()
 
