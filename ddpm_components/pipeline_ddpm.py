@@ -65,6 +65,167 @@ def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
+# ------------------------------------------------------------------------------------------------ images
+# The one image path of ddpm-components: the pipeline's ``image=``, the command line's ``--init-image`` and the
+# training data all go through these two functions (the data module imports them from here; this module stays
+# self-contained, so PIL images are handled through their own methods and diffusers' ``load_image``).
+
+#: what a transparent pixel becomes when an image's alpha channel is composited away: black, the background
+#: of the embedded digits (a fully transparent pixel stored as (0, 0, 0, 0) keeps its value)
+ALPHA_BACKGROUND = 0
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+# slack for float images computed in floating point (e.g. 1.0000001); anything further out is an error
+_RANGE_TOLERANCE = 1e-3
+
+
+def _is_pil_image(image: Any) -> bool:
+    return all(hasattr(image, name) for name in ("mode", "size", "convert", "tobytes", "getexif"))
+
+
+def standardize_pil_image(image: Any, mode: Literal["L", "RGB"]) -> Any:
+    """A PIL image as 8-bit ``mode`` (``"L"`` or ``"RGB"``), the way every image enters ddpm-components.
+
+    1. EXIF orientation is applied (diffusers' ``load_image``), so a photo shows as a viewer shows it.
+    2. 16-bit greyscale (modes ``I;16*`` and ``I``, e.g. 16-bit PNGs) is scaled to 8 bits, v / 257 rounded
+       (PIL's own conversion clips at 255, turning almost every pixel white).
+    3. Transparency (an alpha channel, or a palette/greyscale ``transparency`` entry) is composited on
+       :data:`ALPHA_BACKGROUND` (black).
+    4. The colours are converted to ``mode`` by PIL (ITU-R 601-2 luma for ``"L"``).
+
+    Raises ``ValueError`` for 32-bit float images (mode ``F``, no standard range) and for non-images.
+    """
+    from diffusers.utils import load_image
+
+    _check_choice("mode", mode, ("L", "RGB"))
+    if not _is_pil_image(image):
+        raise ValueError(f"expected a PIL image, got {type(image).__name__}")
+    image = load_image(image, convert_method=lambda opened: opened)  # EXIF orientation
+    if image.mode == "F":
+        raise ValueError(
+            "32-bit float images (PIL mode 'F') have no standard value range; save the image with 8 or 16 "
+            "bits per channel"
+        )
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = torch.frombuffer(bytearray(image.convert("I").tobytes()), dtype=torch.int32)
+        eight_bit = (values.double() / 257.0).round().clamp(0, 255).to(torch.uint8)
+        image = image.convert("L")  # the right size and mode; its pixels are replaced next
+        image.frombytes(bytes(eight_bit.untyped_storage()))
+    elif image.mode in _ALPHA_MODES or "transparency" in image.info:
+        foreground = image.convert("RGBA")
+        background = foreground.copy()
+        background.paste((ALPHA_BACKGROUND,) * 3 + (255,), (0, 0, *foreground.size))
+        background.alpha_composite(foreground)
+        image = background
+    return image.convert(mode)
+
+
+def images_to_tensor(image: Any, num_channels: int) -> torch.Tensor:
+    """Images as one float32 tensor ``(N, num_channels, H, W)`` in [-1, 1], with documented input ranges.
+
+    Accepted (alone or in a list of equal-sized images):
+
+    - PIL images, any mode (through :func:`standardize_pil_image`);
+    - numpy arrays ``(H, W)``, ``(H, W, C)`` or ``(N, H, W, C)``, channels last: ``uint8`` in [0, 255],
+      ``uint16`` in [0, 65535], floats in [0, 1] (or in [-1, 1] when any value is negative);
+    - torch tensors ``(C, H, W)`` or ``(N, C, H, W)``, channels first: ``uint8`` in [0, 255], floats in
+      [0, 1] (or in [-1, 1] when any value is negative), diffusers' convention.
+
+    C may be 1, 3, or 2 / 4 with alpha last (composited on :data:`ALPHA_BACKGROUND`); 3 channels become 1
+    with PIL's luma weights, 1 becomes 3 by repetition. Anything else (another dtype, a float image in
+    [0, 255], NaN or infinity, other shapes) raises ``ValueError`` saying what was found and what is valid.
+    """
+    if num_channels not in (1, 3):
+        raise ValueError(f"num_channels must be 1 or 3, got {num_channels}")
+    parts = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not parts:
+        raise ValueError("got an empty list of images; pass at least one")
+    tensors = [_one_image_to_tensor(part, num_channels) for part in parts]
+    shapes = {tuple(t.shape[1:]) for t in tensors}
+    if len(shapes) > 1:
+        raise ValueError(f"the images have different shapes {sorted(shapes)}; give them one size")
+    return torch.cat(tensors)
+
+
+def _one_image_to_tensor(image: Any, num_channels: int) -> torch.Tensor:
+    """One PIL image, array or tensor (possibly a batch) as ``(N, num_channels, H, W)`` in [-1, 1]."""
+    if _is_pil_image(image):
+        image = standardize_pil_image(image, "L" if num_channels == 1 else "RGB")
+        width, height = image.size
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        return pixels.reshape(1, height, width, num_channels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    if type(image).__module__ == "numpy" and hasattr(image, "dtype") and hasattr(image, "shape"):
+        if image.ndim not in (2, 3, 4):
+            raise ValueError(
+                f"a numpy image must be (H, W), (H, W, C) or (N, H, W, C), channels last; got shape {image.shape}"
+            )
+        if image.dtype.kind not in "uif":
+            raise ValueError(f"numpy images must be uint8, uint16 or float arrays, got dtype {image.dtype}")
+        array = image.astype("float64") if image.dtype == "uint16" else image  # torch lacks most uint16 ops
+        tensor = torch.as_tensor(array)
+        if image.dtype == "uint16":
+            tensor = tensor.div(65535.0).float()
+        if tensor.ndim == 2:
+            tensor = tensor[None, :, :, None]
+        elif tensor.ndim == 3:
+            tensor = tensor[None]
+        tensor = tensor.permute(0, 3, 1, 2)
+        kind = f"numpy array of dtype {image.dtype}"
+    elif isinstance(image, torch.Tensor):
+        if image.ndim not in (3, 4):
+            raise ValueError(
+                f"an image tensor must be (C, H, W) or (N, C, H, W), channels first; got shape {tuple(image.shape)}"
+            )
+        tensor = image.detach().cpu()
+        tensor = tensor[None] if tensor.ndim == 3 else tensor
+        kind = f"tensor of dtype {image.dtype}"
+    else:
+        raise ValueError(
+            f"image must be a PIL image, a numpy array or a torch tensor (or a list of them), got "
+            f"{type(image).__name__}"
+        )
+    if tensor.dtype == torch.uint8:
+        unit = tensor.double() / 255.0
+    elif tensor.is_floating_point():
+        unit = tensor.double()
+        if not bool(torch.isfinite(unit).all()):
+            raise ValueError(f"the image ({kind}) holds NaN or infinite values")
+        low, high = float(unit.min()), float(unit.max())
+        if low < 0:  # [-1, 1]
+            if low < -1 - _RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
+                raise ValueError(
+                    f"the image ({kind}) has values in [{low:.4g}, {high:.4g}]; float images must lie in [0, 1] or "
+                    "in [-1, 1]"
+                )
+            unit = (unit + 1.0) / 2.0
+        elif high > 1 + _RANGE_TOLERANCE:
+            raise ValueError(
+                f"the image ({kind}) has values up to {high:.4g}; float images must lie in [0, 1] (or [-1, 1]): "
+                "divide 8-bit values by 255, or pass a uint8 array"
+            )
+    else:
+        raise ValueError(
+            f"the image is a {kind}; use uint8 (0..255), uint16 (numpy, 0..65535) or float values in [0, 1]"
+        )
+    unit = unit.clamp(0.0, 1.0)
+    channels = unit.shape[1]
+    if channels in (2, 4):  # alpha last: composite on the background
+        alpha = unit[:, -1:]
+        unit = unit[:, :-1] * alpha + (ALPHA_BACKGROUND / 255.0) * (1.0 - alpha)
+        channels -= 1
+    if channels not in (1, 3):
+        raise ValueError(
+            f"the image has {channels} channels (shape {tuple(unit.shape)}); use 1 (greyscale), 3 (RGB), or 2 / 4 "
+            "with alpha last"
+        )
+    if channels == 3 and num_channels == 1:
+        weights = torch.tensor([0.299, 0.587, 0.114], dtype=unit.dtype).reshape(1, 3, 1, 1)
+        unit = (unit * weights).sum(dim=1, keepdim=True)
+    elif channels == 1 and num_channels == 3:
+        unit = unit.expand(-1, 3, -1, -1)
+    return (unit * 2.0 - 1.0).float().contiguous()
+
+
 # ------------------------------------------------------------------------------------------ the pipeline
 class DDPMPipeline(DiffusionPipeline):
     """Pipeline for DDPM image generation (Ho et al. 2020) with image-to-image and classifier-free guidance.
@@ -175,21 +336,8 @@ class DDPMPipeline(DiffusionPipeline):
         self, image: Any, batch_size: int, device: torch.device, dtype: torch.dtype
     ) -> torch.Tensor:
         channels, height, width = self._sample_shape()
-        processor = VaeImageProcessor(
-            do_resize=False,
-            vae_scale_factor=1,
-            vae_latent_channels=0,  # never mistake an image tensor for latents
-            do_normalize=True,
-            do_convert_rgb=channels == 3,
-            do_convert_grayscale=channels == 1,
-        )
-        try:
-            pixels = processor.preprocess(image)
-        except ValueError as error:
-            raise ValueError(
-                f"image must be a PIL image, a numpy array or a torch tensor (or a list of them): {error}"
-            ) from error
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (channels, height, width):
+        pixels = images_to_tensor(image, channels)
+        if tuple(pixels.shape[1:]) != (channels, height, width):
             raise ValueError(
                 f"image has shape {tuple(pixels.shape[1:])} (channels, height, width) after preprocessing; this "
                 f"U-Net needs ({channels}, {height}, {width}): resize the image to {height}x{width} and use "
@@ -429,14 +577,7 @@ class DDPMPipeline(DiffusionPipeline):
             sample_grid: an optional PIL image saved as ``samples.png`` and shown in the model card.
         """
         _check_choice("layout", layout, get_args(SaveLayout))
-        target = Path(os.path.abspath(save_directory))  # "out/../out" -> "out", so renaming works
-        working_directory = Path.cwd()
-        if target == working_directory or target in working_directory.parents:
-            raise ValueError(
-                f"save_directory={str(save_directory)!r} is the current folder or one of its parents, which a save "
-                "cannot replace (the pipeline is written beside the target and renamed into place); pass a folder "
-                "of its own, e.g. './my-ddpm'"
-            )
+        target = check_save_directory(save_directory)
         with _atomic_directory(target) as folder:
             super().save_pretrained(
                 folder,
@@ -755,6 +896,38 @@ def _module_file(component_class: type) -> Path:
             "as remote code; use layout='diffusers'"
         )
     return Path(source)
+
+
+def check_save_directory(save_directory: str | os.PathLike) -> Path:
+    """Check that a pipeline can be saved into ``save_directory`` and return its absolute path; nothing is written
+    to it. Call it before long work (training, sampling) whose result is saved there.
+
+    Raises ``ValueError`` when the path is a file, the working folder or one of its parents, or when the folder
+    (or, if it does not exist yet, its nearest existing parent) cannot be written.
+    """
+    target = Path(os.path.abspath(os.fspath(save_directory)))  # "out/../out" -> "out"
+    working_directory = Path.cwd()
+    if target == working_directory or target in working_directory.parents:
+        raise ValueError(
+            f"save_directory={str(save_directory)!r} is the current folder or one of its parents; pass a folder of "
+            "its own, e.g. './my-ddpm'"
+        )
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if existing != target and not existing.is_dir():
+        raise ValueError(f"cannot save to {str(save_directory)!r}: {str(existing)!r} is a file, not a folder")
+    if existing == target and not target.is_dir():
+        raise ValueError(f"cannot save to {str(save_directory)!r}: it is a file, not a folder")
+    try:  # try it for real: permission bits do not tell for root, read-only mounts or full disks
+        handle, probe = tempfile.mkstemp(prefix=".ddpm-write-test-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise ValueError(
+            f"cannot save to {str(save_directory)!r}: {str(existing)!r} is not writable ({error.strerror or error})"
+        ) from None
+    return target
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -323,6 +323,9 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         num_class_embeds: Number of classes for class conditioning, or ``None`` for an unconditional model.
         use_null_class_embed: Add one more embedding row, the "no class" label ``num_class_embeds``
             (:attr:`null_class_label`), for label dropout and classifier-free guidance.
+        class_names: The name of each class, position = label (e.g. the class folders' names), or ``None``;
+            ``len(class_names) == num_class_embeds``. Saved in the config, so a shared model says which label
+            is which; the pipeline accepts these names as ``class_labels``.
     """
 
     _supports_gradient_checkpointing = True
@@ -349,8 +352,12 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         downsample_padding: int = 0,
         num_class_embeds: int | None = None,
         use_null_class_embed: bool = True,
+        class_names: list[str] | tuple[str, ...] | None = None,
     ):
         super().__init__()
+        if class_names is not None:
+            class_names = list(class_names)
+            self.register_to_config(class_names=class_names)  # a list in config.json, whatever was passed
         if out_channels is None:
             out_channels = in_channels
             self.register_to_config(out_channels=out_channels)
@@ -369,6 +376,7 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
             resnet_time_scale_shift=resnet_time_scale_shift,
             downsample_padding=downsample_padding,
             num_class_embeds=num_class_embeds,
+            class_names=class_names,
         )
         attention_levels = _attention_levels(sample_size, len(block_out_channels), attention_resolutions)
         base_channels = block_out_channels[0]
@@ -710,6 +718,7 @@ def _validate_config(
     resnet_time_scale_shift: str,
     downsample_padding: int,
     num_class_embeds: int | None,
+    class_names: list[str] | None = None,
 ) -> None:
     """Reject configurations the model cannot build, naming the bad value and what is valid."""
     _check_choice("resnet_time_scale_shift", resnet_time_scale_shift, get_args(TimeScaleShift))
@@ -752,6 +761,15 @@ def _validate_config(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if num_class_embeds is not None and num_class_embeds <= 0:
         raise ValueError(f"num_class_embeds must be a positive int or None, got {num_class_embeds}")
+    if class_names is not None:
+        if num_class_embeds is None or len(class_names) != num_class_embeds:
+            raise ValueError(
+                f"class_names has {len(class_names)} names but num_class_embeds={num_class_embeds}: give one "
+                "name per class (position = label), or class_names=None"
+            )
+        bad = [name for name in class_names if not isinstance(name, str) or not name]
+        if bad or len(set(class_names)) != len(class_names):
+            raise ValueError(f"class_names must be distinct non-empty strings, got {class_names!r}")
 
 
 def _attention_levels(sample_size: int, levels: int, attention_resolutions: tuple[int, ...]) -> set[int]:

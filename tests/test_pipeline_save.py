@@ -122,7 +122,7 @@ def test_save_replaces_atomically_and_keeps_other_files(tmp_path: Path, monkeypa
     assert (target / "metrics.jsonl").read_text() == "{}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(NotADirectoryError, match="exists and is not a folder"):
+    with pytest.raises(ValueError, match="is a file, not a folder"):
         changed.save_pretrained(tmp_path / "a_file")
     # the current folder (or a parent) cannot be renamed into place: a clear ValueError, nothing written
     monkeypatch.chdir(target)
