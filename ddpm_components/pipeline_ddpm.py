@@ -49,6 +49,8 @@ _LIBRARY_PACKAGES = ("diffusers", "transformers")
 #: files the card refers to
 SAMPLE_GRID_NAME = "samples.png"
 TRAINING_CONFIG_NAME = "training_config.json"
+#: the list of files a completed save wrote (relative paths): what a later save may replace or remove
+SAVE_MANIFEST_NAME = ".ddpm_components_save.json"
 _CARD_TAGS = ["pytorch", "diffusers", "ddpm", "ddpm-components", "unconditional-image-generation"]
 # model-loading keywords forwarded to each component's from_pretrained by DDPMPipeline.from_pretrained
 _MODEL_LOAD_KWARGS = ("torch_dtype", "variant", "use_safetensors", "low_cpu_mem_usage", "device_map")
@@ -601,6 +603,10 @@ class DDPMPipeline(DiffusionPipeline):
                 has_grid=sample_grid is not None,
             )
             _write_text(folder / "README.md", card)
+            files = sorted(
+                path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()
+            )
+            _write_text(folder / SAVE_MANIFEST_NAME, json.dumps({"files": files}, indent=2) + "\n")
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", target.name)
             self.push_to_hub(
@@ -928,6 +934,38 @@ def check_save_directory(save_directory: str | os.PathLike) -> Path:
             f"cannot save to {str(save_directory)!r}: {str(existing)!r} is not writable ({error.strerror or error})"
         ) from None
     return target
+
+
+def saved_pipeline_files(folder: str | os.PathLike) -> list[str]:
+    """The files (paths relative to ``folder``, ``/``-separated) that the last completed :meth:`DDPMPipeline.
+    save_pretrained` into ``folder`` wrote, from its manifest; ``[]`` when the folder holds no save of ours."""
+    manifest = Path(folder) / SAVE_MANIFEST_NAME
+    if not manifest.is_file():
+        return []
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{manifest} is not a valid save manifest ({error}); delete it by hand") from None
+    return [name for name in files if isinstance(name, str)]
+
+
+def remove_saved_pipeline(folder: str | os.PathLike) -> list[str]:
+    """Delete the pipeline that :meth:`DDPMPipeline.save_pretrained` wrote into ``folder``: exactly the files its
+    manifest lists (then the manifest, and sub-folders left empty), never anything else. Returns what was deleted."""
+    root = Path(folder)
+    removed = []
+    for name in saved_pipeline_files(root):
+        path = (root / name).resolve()
+        if root.resolve() not in path.parents:  # a manifest never points outside its folder
+            continue
+        if path.is_file():
+            path.unlink()
+            removed.append(name)
+            if path.parent != root.resolve():
+                with contextlib.suppress(OSError):  # removes the sub-folder only when it is now empty
+                    path.parent.rmdir()
+    (root / SAVE_MANIFEST_NAME).unlink(missing_ok=True)
+    return removed
 
 
 def _write_text(path: Path, text: str) -> None:
