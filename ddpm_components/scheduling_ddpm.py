@@ -3,16 +3,21 @@
 This module is self-contained: it imports only torch, diffusers and the standard library, because a saved
 pipeline carries it next to ``scheduler_config.json`` as remote code.
 
-Map from the paper's equations to the methods below (β_t the noise schedule, α_t = 1 - β_t,
-ᾱ_t = ∏_{s<=t} α_s, indices are 0-based timesteps as in diffusers):
+Map from the paper's equations to the code below (β_t the noise schedule, α_t = 1 - β_t,
+ᾱ_t = ∏_{s<=t} α_s, indices are 0-based timesteps as in diffusers). Each formula is written once, in the
+function named here; ``step`` (both its paths) and the training-time methods call it:
 
 ====================================================  =====================================================
-Equation                                              Method
+Equation                                              Where
 ====================================================  =====================================================
 Eq. 4   q(x_t | x_0) = N(√ᾱ_t x_0, (1-ᾱ_t) I)         :meth:`DDPMScheduler.add_noise`
-Eq. 6-7 q(x_{t-1} | x_t, x_0) = N(μ̃_t, β̃_t I)         :meth:`DDPMScheduler.q_posterior_mean_variance`
-Eq. 11  μ_θ from ε_θ;  Eq. 15  x_0 from ε_θ             :meth:`DDPMScheduler.convert_prediction`,
-                                                      :meth:`DDPMScheduler.p_mean_variance`
+Eq. 6-7 coefficients of μ̃_t and β̃_t from ᾱ_t, ᾱ_t'    :func:`_reverse_step_coefficients` (step tables and
+                                                      full-schedule tables alike)
+Eq. 7   μ̃_t(x_t, x_0) = coef1 x_0 + coef2 x_t           :func:`_posterior_mean`; the full-schedule posterior is
+                                                      :meth:`DDPMScheduler.q_posterior_mean_variance`
+Eq. 15  x_0 from ε_θ (and from v)                      :func:`_predict_original_sample`,
+                                                      :meth:`DDPMScheduler.convert_prediction`
+Eq. 11  μ_θ = μ̃_t(x_t, x̂_0(ε_θ))                       :meth:`DDPMScheduler.p_mean_variance`
 Eq. 1   p_θ(x_{t-1} | x_t) = N(μ_θ, Σ_θ), Alg. 2       :meth:`DDPMScheduler.step`
 Eq. 14  L_simple target (ε, x_0 or v)                   :meth:`DDPMScheduler.get_target`,
                                                       :meth:`DDPMScheduler.get_velocity`
@@ -23,8 +28,9 @@ SNR(t) = ᾱ_t / (1 - ᾱ_t); min-SNR-γ weights            :meth:`DDPMScheduler
 ====================================================  =====================================================
 
 Improved DDPM (Nichol & Dhariwal 2021, arXiv 2102.09672) adds the learned variance
-(``variance_type="learned_range"``: Σ_θ = exp(v log β_t + (1 - v) log β̃_t) with v = (out + 1) / 2) and the
-respacing of the schedule into section counts (``set_timesteps("10,15,20")``, ``set_timesteps("ddim50")``).
+(``variance_type="learned_range"``: Σ_θ = exp(v log β_t + (1 - v) log β̃_t) with v = (out + 1) / 2, written as
+log Σ_θ = midpoint + out · half-range in :func:`_learned_range_log_variance`) and the respacing of the schedule
+into section counts (``set_timesteps("10,15,20")``, ``set_timesteps("ddim50")``).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal, get_args
+from typing import ClassVar, Literal, NamedTuple, get_args
 
 import torch
 from diffusers import ConfigMixin, SchedulerMixin
@@ -65,17 +71,204 @@ LossWeighting = Literal["uniform", "min_snr"]
 ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
 # diffusers clamps the posterior variance before taking its log (matters only at the last step).
 _POSTERIOR_VARIANCE_FLOOR = 1e-20
+# The schedules whose betas run from beta_start to beta_end.
+_SCHEDULES_FROM_BETA_START_TO_END = ("linear", "scaled_linear", "sigmoid")
 
-# Columns of the per-step coefficient table built by set_timesteps.
-_K1, _K2, _COEF1, _COEF2, _STD, _LR_A, _LR_B, _MASK = range(8)
-_NUM_COLUMNS = 8
+# A coefficient is a Python float on step's host path and a tensor (per timestep or gathered per batch element)
+# everywhere else; the formula functions below take either.
+Coefficient = float | torch.Tensor
 
 
-def _check_choice(name: str, value: object, choices_type: object) -> None:
-    """The one place where option strings are validated: raise a ValueError naming the value and the choices."""
-    choices = get_args(choices_type)
+# ------------------------------------------------------------------------------------------------------------
+# Input checks (each rule in one place)
+# ------------------------------------------------------------------------------------------------------------
+def _check_choice(name: str, value: object, choices: tuple[object, ...]) -> None:
+    """Raise a ValueError naming the option, the bad value and every valid choice unless ``value`` is one of
+    ``choices``: ``beta_schedule='foo' is not supported; choose one of 'linear', 'scaled_linear', ...``."""
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}.")
+
+
+def _check_finite(name: str, value: object, positive: bool = False) -> None:
+    """Raise a ValueError naming ``value`` unless it is a finite real number (and > 0 when ``positive``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number.")
+    if positive and value <= 0:
+        raise ValueError(f"{name}={value!r} must be positive.")
+
+
+def _check_floating(name: str, tensor: object) -> None:
+    """Raise a ValueError unless ``tensor`` is a floating-point tensor (an integer sample would be rounded to 0)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a floating-point torch.Tensor, got {type(tensor).__name__}.")
+    if not tensor.is_floating_point():
+        raise ValueError(
+            f"{name} has dtype {tensor.dtype}; it must be a floating-point tensor (e.g. call .float() on it)."
+        )
+
+
+def _check_same_shape(name: str, tensor: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    """Raise a ValueError naming both shapes unless they are equal (no silent broadcasting)."""
+    if tensor.shape != other.shape:
+        raise ValueError(
+            f"{name} has shape {tuple(tensor.shape)} but {other_name} has shape {tuple(other.shape)}; "
+            "they must be equal."
+        )
+
+
+def _integral_timestep(value: object, name: str = "timestep") -> int:
+    """A timestep held on the host as an ``int``: integers and whole floats (``40.0``, as some pipelines pass)
+    are accepted; a fractional value (``40.5``), NaN, inf or a bool raises a ValueError instead of truncating."""
+    if type(value) is int:  # the common case, without the numbers ABCs
+        return value
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        if math.isfinite(value) and float(value).is_integer():
+            return int(value)
+    raise ValueError(
+        f"{name}={value!r} is not a whole number; DDPM timesteps are integers (40 and 40.0 are accepted, "
+        "40.5 is not)."
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The reverse step's maths, written once
+# ------------------------------------------------------------------------------------------------------------
+class ReverseStepCoefficients(NamedTuple):
+    """Coefficients of the reverse step from timestep t to its predecessor t' in the chain (t' = t - 1 in the
+    full schedule, the next kept timestep under respacing; ᾱ_t' = 1 after the last step), one entry per t."""
+
+    sqrt_alphas_cumprod: torch.Tensor  # √ᾱ_t
+    sqrt_one_minus_alphas_cumprod: torch.Tensor  # √(1 - ᾱ_t)
+    sqrt_recip_alphas_cumprod: torch.Tensor  # 1/√ᾱ_t, ᾱ_t floored at ZERO_SNR_ALPHA_CUMPROD
+    sqrt_recipm1_alphas_cumprod: torch.Tensor  # √(1 - ᾱ_t)/√ᾱ_t, same floor
+    posterior_mean_coef1: torch.Tensor  # Eq. 7: √ᾱ_t' β'_t / (1 - ᾱ_t), the weight of x_0 in μ̃_t
+    posterior_mean_coef2: torch.Tensor  # Eq. 7: √α'_t (1 - ᾱ_t') / (1 - ᾱ_t), the weight of x_t in μ̃_t
+    betas: torch.Tensor  # β'_t = 1 - ᾱ_t / ᾱ_t' (= β_t in the full schedule)
+    posterior_variance: torch.Tensor  # Eq. 7: β̃'_t = β'_t (1 - ᾱ_t') / (1 - ᾱ_t)
+
+
+def _reverse_step_coefficients(
+    alphas_cumprod: torch.Tensor, alphas_cumprod_prev: torch.Tensor
+) -> ReverseStepCoefficients:
+    """The per-timestep coefficients of x̂_0 (Eq. 15), μ̃_t and β̃_t (Eq. 6-7) from ᾱ_t and ᾱ_t' (float64).
+
+    Used for the sampling chain (``set_timesteps``, where β'_t is recomputed from the kept ᾱ's as in Improved
+    DDPM's respacing) and for the full schedule of the training-time API alike.
+    """
+    alphas = alphas_cumprod / alphas_cumprod_prev  # α'_t
+    betas = 1.0 - alphas
+    one_minus_alphas_cumprod = 1.0 - alphas_cumprod
+    sqrt_recip_alphas_cumprod = torch.where(
+        alphas_cumprod > 0, alphas_cumprod, ZERO_SNR_ALPHA_CUMPROD
+    ).rsqrt()
+    sqrt_one_minus_alphas_cumprod = one_minus_alphas_cumprod.sqrt()
+    return ReverseStepCoefficients(
+        sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
+        sqrt_one_minus_alphas_cumprod=sqrt_one_minus_alphas_cumprod,
+        sqrt_recip_alphas_cumprod=sqrt_recip_alphas_cumprod,
+        sqrt_recipm1_alphas_cumprod=sqrt_one_minus_alphas_cumprod * sqrt_recip_alphas_cumprod,
+        posterior_mean_coef1=alphas_cumprod_prev.sqrt() * betas / one_minus_alphas_cumprod,
+        posterior_mean_coef2=alphas.sqrt() * (1.0 - alphas_cumprod_prev) / one_minus_alphas_cumprod,
+        betas=betas,
+        posterior_variance=betas * (1.0 - alphas_cumprod_prev) / one_minus_alphas_cumprod,
+    )
+
+
+def _log_variance_midpoint_and_half_range(
+    min_log_variance: torch.Tensor, max_log_variance: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """½(max + min) and ½(max - min) of the log-variance interval that ``learned_range`` interpolates in
+    (min = log β̃_t, max = log β_t)."""
+    return 0.5 * (max_log_variance + min_log_variance), 0.5 * (max_log_variance - min_log_variance)
+
+
+def _learned_range_log_variance(
+    model_variance: torch.Tensor, log_variance_midpoint: Coefficient, log_variance_half_range: Coefficient
+) -> torch.Tensor:
+    """Improved DDPM Eq. 15: log Σ_θ = frac log β_t + (1 - frac) log β̃_t with frac = (v + 1)/2, i.e.
+    midpoint + v · half-range."""
+    return torch.mul(model_variance, log_variance_half_range).add_(log_variance_midpoint)
+
+
+def _add_scaled_(accumulator: torch.Tensor, scale: Coefficient, tensor: torch.Tensor, sign: float = 1.0):
+    """``accumulator += sign · scale · tensor`` in place, one kernel for a Python-float ``scale`` (host path) and
+    for a tensor ``scale`` that broadcasts against ``tensor`` alike."""
+    if isinstance(scale, torch.Tensor):
+        return accumulator.addcmul_(scale, tensor, value=sign)
+    return accumulator.add_(tensor, alpha=sign * scale)
+
+
+def _predict_original_sample(
+    prediction_type: str,
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    coefficients: StepColumns | ScheduleColumns,
+) -> torch.Tensor:
+    """x̂_0 from the model output at x_t = ``sample`` (no clipping).
+
+    ε (Eq. 15): x̂_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t = x_t/√ᾱ_t - (√(1-ᾱ_t)/√ᾱ_t) ε; v: x̂_0 = √ᾱ_t x_t - √(1-ᾱ_t) v;
+    ``sample``: the output itself. ``coefficients`` are floats or tensors that broadcast against ``sample``.
+    """
+    if prediction_type == "epsilon":
+        original = torch.mul(sample, coefficients.sqrt_recip_alphas_cumprod)
+        return _add_scaled_(original, coefficients.sqrt_recipm1_alphas_cumprod, model_output, -1.0)
+    if prediction_type == "v_prediction":
+        original = torch.mul(sample, coefficients.sqrt_alphas_cumprod)
+        return _add_scaled_(original, coefficients.sqrt_one_minus_alphas_cumprod, model_output, -1.0)
+    return model_output
+
+
+def _posterior_mean(
+    original_sample: torch.Tensor, sample: torch.Tensor, coefficients: StepColumns | ScheduleColumns
+) -> torch.Tensor:
+    """Eq. 7: μ̃_t(x_t, x_0) = coef1 x_0 + coef2 x_t (with x̂_0 from ε this is Eq. 11's μ_θ)."""
+    mean = torch.mul(original_sample, coefficients.posterior_mean_coef1)
+    return _add_scaled_(mean, coefficients.posterior_mean_coef2, sample)
+
+
+class StepColumns(NamedTuple):
+    """The named columns of the per-step table that ``set_timesteps`` builds, one row per kept timestep.
+
+    On ``step``'s host path every field is a Python float; on its tensor path a gathered tensor of shape
+    (B or 1, 1, ..., 1). The first six are those of :class:`ReverseStepCoefficients`.
+    """
+
+    sqrt_alphas_cumprod: Coefficient
+    sqrt_one_minus_alphas_cumprod: Coefficient
+    sqrt_recip_alphas_cumprod: Coefficient
+    sqrt_recipm1_alphas_cumprod: Coefficient
+    posterior_mean_coef1: Coefficient
+    posterior_mean_coef2: Coefficient
+    noise_std: Coefficient  # σ_t of the fixed variance types (√β̃'_t or √β'_t), 0 at t = 0
+    log_variance_midpoint: Coefficient  # learned_range: ½(log β'_t + log β̃'_t), β̃' floored as diffusers does
+    log_variance_half_range: Coefficient  # learned_range: ½(log β'_t - log β̃'_t)
+    noise_mask: Coefficient  # 1 where t > 0 (noise is added), 0 at t = 0
+
+
+_NOISE_MASK_COLUMN = StepColumns._fields.index("noise_mask")
+
+
+class ScheduleColumns(NamedTuple):
+    """The named columns of the full ``num_train_timesteps`` table that the training-time API gathers from, one
+    row per timestep (plus a NaN row). Gathered, each field has shape (B or 1, 1, ..., 1).
+
+    As in the DDPM code, the log-variances use β̃_1 at t = 0, where β̃_0 = 0.
+    """
+
+    sqrt_alphas_cumprod: torch.Tensor
+    sqrt_one_minus_alphas_cumprod: torch.Tensor
+    sqrt_recip_alphas_cumprod: torch.Tensor
+    sqrt_recipm1_alphas_cumprod: torch.Tensor
+    posterior_mean_coef1: torch.Tensor
+    posterior_mean_coef2: torch.Tensor
+    posterior_variance: torch.Tensor  # β̃_t
+    posterior_log_variance_clipped: torch.Tensor  # log β̃_t, β̃_1 at t = 0
+    fixed_large_log_variance: torch.Tensor  # log β_t, β̃_1 at t = 0 (fixed_large Σ of the DDPM code)
+    log_variance_midpoint: torch.Tensor  # learned_range: ½(log β_t + log β̃_t), β̃_1 at t = 0
+    log_variance_half_range: torch.Tensor  # learned_range: ½(log β_t - log β̃_t)
+    snr: torch.Tensor  # ᾱ_t / (1 - ᾱ_t)
 
 
 @dataclass
@@ -218,9 +411,11 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
       ᾱ_t = 2⁻²⁴ instead of dividing by zero. Every other number (add_noise, posterior) uses ᾱ_T = 0.
     - ``timestep_spacing="trailing"`` keeps exactly ``num_inference_steps`` timesteps (diffusers' float
       ``arange`` appends a spurious -1 for some counts, e.g. 29 of 100).
-    - invalid input (unknown options, a timestep outside the schedule, a model output of the wrong shape,
-      ``leading`` spacing whose offset reaches ``num_train_timesteps``) raises ``ValueError`` naming the value
-      and the valid choices.
+    - invalid input raises ``ValueError`` naming the value and the valid choices: unknown options, non-finite
+      or out-of-range numbers in the config, ``beta_start > beta_end``, fractional timesteps, a timestep
+      outside the schedule, integer samples, tensors of mismatched shapes, a generator list that does not
+      match the batch, both ``generator`` and ``variance_noise``, ``leading`` spacing whose offset reaches
+      ``num_train_timesteps``.
 
     Kept from diffusers for identical images: noise is added whenever t > 0, also at the last step of a chain
     that ends above 0 (``trailing`` spacing, ``steps_offset=1``); Improved DDPM would add none there.
@@ -232,8 +427,8 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
     which always uses the full ``num_train_timesteps`` schedule.
 
     Random draws in ``step`` (the rule): the noise of a step whose timestep is 0 is never used. It is not drawn
-    when the host knows t == 0 for free (a Python int, or a CPU tensor outside ``torch.compile``), exactly as
-    diffusers; for an accelerator tensor or under compilation it is drawn and masked out, so no host-device
+    when the host knows t == 0 for free (a Python number, or a CPU tensor outside ``torch.compile``), exactly
+    as diffusers; for an accelerator tensor or under compilation it is drawn and masked out, so no host-device
     synchronisation happens. ``variance_noise`` bypasses the generator altogether.
 
     Args: see diffusers' ``DDPMScheduler``; the option strings are validated against ``BetaSchedule``,
@@ -262,38 +457,31 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ):
-        _check_choice("beta_schedule", beta_schedule, BetaSchedule)
-        _check_choice("variance_type", variance_type, VarianceType)
-        _check_choice("prediction_type", prediction_type, PredictionType)
-        _check_choice("timestep_spacing", timestep_spacing, TimestepSpacing)
-        if not isinstance(num_train_timesteps, numbers.Integral) or num_train_timesteps < 1:
+        _check_choice("beta_schedule", beta_schedule, get_args(BetaSchedule))
+        _check_choice("variance_type", variance_type, get_args(VarianceType))
+        _check_choice("prediction_type", prediction_type, get_args(PredictionType))
+        _check_choice("timestep_spacing", timestep_spacing, get_args(TimestepSpacing))
+        if (
+            isinstance(num_train_timesteps, bool)
+            or not isinstance(num_train_timesteps, numbers.Integral)
+            or num_train_timesteps < 1
+        ):
             raise ValueError(f"num_train_timesteps={num_train_timesteps!r} must be a positive integer.")
+        if isinstance(steps_offset, bool) or not isinstance(steps_offset, numbers.Integral):
+            raise ValueError(f"steps_offset={steps_offset!r} must be an integer.")
+        _check_finite("beta_start", beta_start)
+        _check_finite("beta_end", beta_end)
+        _check_finite("clip_sample_range", clip_sample_range, positive=True)
+        _check_finite("sample_max_value", sample_max_value, positive=True)
+        _check_finite("dynamic_thresholding_ratio", dynamic_thresholding_ratio)
         if not 0.0 < dynamic_thresholding_ratio <= 1.0:
             raise ValueError(f"dynamic_thresholding_ratio={dynamic_thresholding_ratio!r} must lie in (0, 1].")
 
         # 0. β_t in float64; everything below is derived in float64 and cast once.
+        betas = self._config_betas64(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
         if trained_betas is not None:
-            betas = torch.as_tensor(trained_betas, dtype=torch.float64).flatten()
-            if betas.numel() != num_train_timesteps:
-                raise ValueError(
-                    f"trained_betas has {betas.numel()} values but num_train_timesteps={num_train_timesteps}."
-                )
             # the config is saved as JSON, which holds no tensors nor numpy float32 values: keep Python floats
             self.register_to_config(trained_betas=betas.tolist())
-        elif beta_schedule == "linear":
-            betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
-        elif beta_schedule == "scaled_linear":
-            betas = (
-                torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-            )
-        elif beta_schedule == "squaredcos_cap_v2":
-            betas = _betas_for_alpha_bar(num_train_timesteps)
-        else:  # sigmoid (GeoDiff)
-            betas = (
-                torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps, dtype=torch.float64))
-                * (beta_end - beta_start)
-                + beta_start
-            )
         if rescale_betas_zero_snr:
             betas = _rescale_zero_terminal_snr(betas)
         if not bool(((betas > 0) & (betas <= 1)).all()):
@@ -307,44 +495,98 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self._betas64 = betas
         self._alphas_cumprod64 = alphas_cumprod
-        # The public float32 tensors that diffusers' training scripts read (e.g. compute_snr).
+        # The public float32 tensors that diffusers' training scripts read (e.g. compute_snr), and diffusers'
+        # attributes `one` and `init_noise_sigma`.
         self.betas = betas.float()
         self.alphas = (1.0 - betas).float()
         self.alphas_cumprod = alphas_cumprod.float()
         self.one = torch.tensor(1.0)
         self.init_noise_sigma = 1.0
 
-        # Full-schedule tables for the training-time API (Eq. 4, 6, 7), float64.
-        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        # log β̃_t is -inf at t = 0; as in the DDPM code, use β̃_1 there.
-        clipped = (
-            torch.cat([posterior_variance[1:2], posterior_variance[1:]]) if num_train_timesteps > 1 else betas
-        )
-        fixed_large_variance = torch.cat([clipped[:1], betas[1:]])
-        self._train_tables64 = {
-            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
-            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
-            "sqrt_recip_alphas_cumprod": torch.where(
-                alphas_cumprod > 0, alphas_cumprod, ZERO_SNR_ALPHA_CUMPROD
-            ).rsqrt(),
-            "snr": alphas_cumprod / (1.0 - alphas_cumprod),
-            "posterior_variance": posterior_variance,
-            "posterior_log_variance_clipped": clipped.log(),
-            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev)
-            * (1.0 - betas).sqrt()
-            / (1.0 - alphas_cumprod),
-            "log_betas": betas.log(),
-            "fixed_large_variance": fixed_large_variance,
-            "fixed_large_log_variance": fixed_large_variance.log(),
-        }
-        self._device_cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self._schedule_table64 = self._build_schedule_table(alphas_cumprod)
+        self._schedule_cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
         # Full schedule until set_timesteps is called (diffusers' behaviour).
         self.custom_timesteps = False
         self.num_inference_steps: int | None = None
         self._build_step_tables(list(range(num_train_timesteps - 1, -1, -1)))
+
+    @staticmethod
+    def _config_betas64(
+        num_train_timesteps: int,
+        beta_start: float,
+        beta_end: float,
+        beta_schedule: str,
+        trained_betas: Sequence[float] | torch.Tensor | None,
+    ) -> torch.Tensor:
+        """β_t (float64) of the configured schedule, before any zero-terminal-SNR rescaling."""
+        if trained_betas is not None:
+            betas = torch.as_tensor(trained_betas, dtype=torch.float64).flatten()
+            if betas.numel() != num_train_timesteps:
+                raise ValueError(
+                    f"trained_betas has {betas.numel()} values but num_train_timesteps={num_train_timesteps}."
+                )
+            not_finite = (~torch.isfinite(betas)).nonzero().flatten().tolist()
+            if not_finite:
+                raise ValueError(
+                    f"trained_betas[{not_finite[0]}]={betas[not_finite[0]].item()!r} is not finite "
+                    f"({len(not_finite)} non-finite value(s)); every beta must be a number in (0, 1]."
+                )
+            return betas
+        if beta_schedule in _SCHEDULES_FROM_BETA_START_TO_END and beta_start > beta_end:
+            raise ValueError(
+                f"beta_start={beta_start!r} is greater than beta_end={beta_end!r}; beta_schedule="
+                f"{beta_schedule!r} needs beta_start <= beta_end (the noise level grows with t)."
+            )
+        if beta_schedule == "linear":
+            return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+        if beta_schedule == "scaled_linear":
+            return (
+                torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+            )
+        if beta_schedule == "squaredcos_cap_v2":
+            return _betas_for_alpha_bar(num_train_timesteps)
+        # sigmoid (GeoDiff)
+        return (
+            torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps, dtype=torch.float64))
+            * (beta_end - beta_start)
+            + beta_start
+        )
+
+    def _build_schedule_table(self, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+        """The full-schedule table of the training-time API (Eq. 4, 6, 7): one float64 row of
+        :class:`ScheduleColumns` per timestep, plus a NaN row (index T) that float timesteps outside the schedule
+        map to on an accelerator."""
+        num_train = alphas_cumprod.shape[0]
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        coefficients = _reverse_step_coefficients(alphas_cumprod, alphas_cumprod_prev)
+        posterior_variance = coefficients.posterior_variance
+        # log β̃_t is -inf at t = 0; as in the DDPM code, use β̃_1 there (and for fixed_large's first variance).
+        clipped = (
+            torch.cat([posterior_variance[1:2], posterior_variance[1:]])
+            if num_train > 1
+            else coefficients.betas
+        )
+        posterior_log_variance_clipped = clipped.log()
+        midpoint, half_range = _log_variance_midpoint_and_half_range(
+            posterior_log_variance_clipped, coefficients.betas.log()
+        )
+        columns = ScheduleColumns(
+            sqrt_alphas_cumprod=coefficients.sqrt_alphas_cumprod,
+            sqrt_one_minus_alphas_cumprod=coefficients.sqrt_one_minus_alphas_cumprod,
+            sqrt_recip_alphas_cumprod=coefficients.sqrt_recip_alphas_cumprod,
+            sqrt_recipm1_alphas_cumprod=coefficients.sqrt_recipm1_alphas_cumprod,
+            posterior_mean_coef1=coefficients.posterior_mean_coef1,
+            posterior_mean_coef2=coefficients.posterior_mean_coef2,
+            posterior_variance=posterior_variance,
+            posterior_log_variance_clipped=posterior_log_variance_clipped,
+            fixed_large_log_variance=torch.cat([clipped[:1], coefficients.betas[1:]]).log(),
+            log_variance_midpoint=midpoint,
+            log_variance_half_range=half_range,
+            snr=alphas_cumprod / (1.0 - alphas_cumprod),
+        )
+        nan_row = torch.full((1, len(ScheduleColumns._fields)), float("nan"), dtype=torch.float64)
+        return torch.cat([torch.stack(columns, dim=1), nan_row])
 
     # ------------------------------------------------------------------------------------------------
     # Schedules
@@ -369,27 +611,14 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
                 (``"10,15,20"``, ``"ddim50"``); either respaces the chain, with β'_t = 1 - ᾱ_t / ᾱ_prev
                 recomputed from the kept ᾱ's.
             device: where ``self.timesteps`` and the step tables live.
-            timesteps: custom strictly descending timesteps in [0, num_train_timesteps); excludes
-                ``num_inference_steps``.
+            timesteps: custom strictly descending timesteps in [0, num_train_timesteps) (whole numbers; a
+                float such as ``10.0`` is accepted, ``10.7`` is not); excludes ``num_inference_steps``.
         """
         num_train = self.config.num_train_timesteps
         if num_inference_steps is not None and timesteps is not None:
             raise ValueError("Pass either num_inference_steps or timesteps to set_timesteps, not both.")
         if timesteps is not None:
-            kept = [
-                int(t) for t in (timesteps.tolist() if isinstance(timesteps, torch.Tensor) else timesteps)
-            ]
-            if not kept:
-                raise ValueError("timesteps=[] is empty; pass at least one timestep.")
-            for previous, current in itertools.pairwise(kept):
-                if current >= previous:
-                    raise ValueError(
-                        f"timesteps must be strictly descending, but {current} follows {previous} in {kept}."
-                    )
-            if kept[0] >= num_train or kept[-1] < 0:
-                raise ValueError(
-                    f"timesteps={kept} must lie in [0, {num_train - 1}] (num_train_timesteps={num_train})."
-                )
+            kept = self._custom_timesteps(timesteps)
             self.custom_timesteps = True
             self.num_inference_steps = len(kept)
         elif num_inference_steps is None:
@@ -401,102 +630,121 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             self.custom_timesteps = False
             self.num_inference_steps = len(kept)
         else:
-            if (
-                isinstance(num_inference_steps, bool)
-                or not isinstance(num_inference_steps, numbers.Integral)
-                or not 1 <= num_inference_steps <= num_train
-            ):
-                raise ValueError(
-                    f"num_inference_steps={num_inference_steps!r} must be an integer in [1, {num_train}] "
-                    f"(num_train_timesteps), or a section-count string such as '10,15,20' or 'ddim50'."
-                )
-            n = int(num_inference_steps)
-            spacing = self.config.timestep_spacing
-            if spacing == "linspace":  # as np.linspace(0, T-1, n).round()[::-1] (round half to even)
-                step = (num_train - 1) / (n - 1) if n > 1 else 0.0
-                kept = [round(i * step) for i in range(n - 1)] + [num_train - 1] if n > 1 else [0]
-                kept = kept[::-1]
-            elif spacing == "leading":
-                ratio = num_train // n
-                kept = [i * ratio + self.config.steps_offset for i in range(n)][::-1]
-            else:  # trailing, as np.round(np.arange(T, 0, -T/n)) - 1
-                ratio = num_train / n
-                delta = (num_train - ratio) - num_train  # numpy's arange fills start + i * (x_1 - x_0)
-                length = math.ceil(num_train / ratio)
-                # numpy's float arange sometimes yields one extra value, -1, which diffusers keeps (it then
-                # indexes ᾱ[-1]); keep exactly n timesteps.
-                kept = [round(num_train + i * delta) - 1 for i in range(length)][:n]
-            if kept[0] >= num_train or kept[-1] < 0:
-                raise ValueError(
-                    f"timestep_spacing={spacing!r} with steps_offset={self.config.steps_offset} and "
-                    f"num_inference_steps={n} gives timesteps up to {kept[0]}, outside [0, {num_train - 1}]; "
-                    "lower steps_offset or num_inference_steps."
-                )
+            kept = self._spaced_timesteps(num_inference_steps)
             self.custom_timesteps = False
-            self.num_inference_steps = n
+            self.num_inference_steps = len(kept)
         self._build_step_tables(kept, device)
 
+    def _custom_timesteps(self, timesteps: Sequence[int] | torch.Tensor) -> list[int]:
+        """Validated custom timesteps: whole numbers, strictly descending, in [0, num_train_timesteps)."""
+        num_train = self.config.num_train_timesteps
+        values = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
+        kept = [_integral_timestep(value, f"timesteps[{i}]") for i, value in enumerate(values)]
+        if not kept:
+            raise ValueError("timesteps=[] is empty; pass at least one timestep.")
+        for previous, current in itertools.pairwise(kept):
+            if current >= previous:
+                raise ValueError(
+                    f"timesteps must be strictly descending, but {current} follows {previous} in {kept}."
+                )
+        if kept[0] >= num_train or kept[-1] < 0:
+            raise ValueError(
+                f"timesteps={kept} must lie in [0, {num_train - 1}] (num_train_timesteps={num_train})."
+            )
+        return kept
+
+    def _spaced_timesteps(self, num_inference_steps: int) -> list[int]:
+        """diffusers' ``leading`` / ``linspace`` / ``trailing`` timesteps for an integer step count."""
+        num_train = self.config.num_train_timesteps
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, numbers.Integral)
+            or not 1 <= num_inference_steps <= num_train
+        ):
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps!r} must be an integer in [1, {num_train}] "
+                f"(num_train_timesteps), or a section-count string such as '10,15,20' or 'ddim50'."
+            )
+        n = int(num_inference_steps)
+        spacing = self.config.timestep_spacing
+        if spacing == "linspace":  # as np.linspace(0, T-1, n).round()[::-1] (round half to even)
+            step = (num_train - 1) / (n - 1) if n > 1 else 0.0
+            kept = [round(i * step) for i in range(n - 1)] + [num_train - 1] if n > 1 else [0]
+            kept = kept[::-1]
+        elif spacing == "leading":
+            ratio = num_train // n
+            kept = [i * ratio + self.config.steps_offset for i in range(n)][::-1]
+        else:  # trailing, as np.round(np.arange(T, 0, -T/n)) - 1
+            ratio = num_train / n
+            delta = (num_train - ratio) - num_train  # numpy's arange fills start + i * (x_1 - x_0)
+            length = math.ceil(num_train / ratio)
+            # numpy's float arange sometimes yields one extra value, -1, which diffusers keeps (it then
+            # indexes ᾱ[-1]); keep exactly n timesteps.
+            kept = [round(num_train + i * delta) - 1 for i in range(length)][:n]
+        if kept[0] >= num_train or kept[-1] < 0:
+            raise ValueError(
+                f"timestep_spacing={spacing!r} with steps_offset={self.config.steps_offset} and "
+                f"num_inference_steps={n} gives timesteps up to {kept[0]}, outside [0, {num_train - 1}]; "
+                "lower steps_offset or num_inference_steps."
+            )
+        return kept
+
     def _build_step_tables(self, kept: list[int], device: str | torch.device | None = None) -> None:
-        """Per-step coefficients for descending timesteps ``kept`` (float64, one row per step, plus a NaN row
-        that any timestep outside the schedule maps to on the device path)."""
+        """Per-step coefficients for descending timesteps ``kept``: one float64 row of :class:`StepColumns` per
+        step, addressed by timestep + 1, with NaN rows for every timestep outside the chain."""
         num_train = self.config.num_train_timesteps
         alphas_cumprod = self._alphas_cumprod64
         t = torch.tensor(kept, dtype=torch.long)
         prev = torch.tensor([*kept[1:], -1], dtype=torch.long)
-        alpha_prod_t = alphas_cumprod[t]
-        alpha_prod_prev = torch.where(
+        alphas_cumprod_prev = torch.where(
             prev >= 0, alphas_cumprod[prev.clamp(min=0)], torch.ones((), dtype=torch.float64)
         )
-        beta_prod_t = 1.0 - alpha_prod_t
-        current_alpha = alpha_prod_t / alpha_prod_prev
-        current_beta = 1.0 - current_alpha  # β'_t, recomputed from the kept ᾱ's under respacing
-
-        prediction_type = self.config.prediction_type
-        if prediction_type == "epsilon":  # Eq. 15: x_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t
-            k1 = torch.where(alpha_prod_t > 0, alpha_prod_t, ZERO_SNR_ALPHA_CUMPROD).rsqrt()
-            k2 = beta_prod_t.sqrt()
-        elif prediction_type == "v_prediction":  # x_0 = √ᾱ_t x_t - √(1-ᾱ_t) v
-            k1 = alpha_prod_t.sqrt()
-            k2 = beta_prod_t.sqrt()
-        else:
-            k1 = torch.zeros_like(alpha_prod_t)
-            k2 = torch.zeros_like(alpha_prod_t)
-        # Eq. 7: μ̃_t = coef1 x_0 + coef2 x_t
-        coef1 = alpha_prod_prev.sqrt() * current_beta / beta_prod_t
-        coef2 = current_alpha.sqrt() * (1.0 - alpha_prod_prev) / beta_prod_t
-        # Eq. 7: β̃_t, floored as diffusers does before its log.
-        posterior_variance = ((1.0 - alpha_prod_prev) / beta_prod_t * current_beta).clamp(
-            min=_POSTERIOR_VARIANCE_FLOOR
-        )
-        variance_type = self.config.variance_type
-        if variance_type in ("fixed_small", "fixed_small_log"):
-            std = posterior_variance.sqrt()
-        elif variance_type in ("fixed_large", "fixed_large_log"):
-            std = current_beta.sqrt()
-        else:
-            std = torch.zeros_like(current_beta)
-        # learned_range: σ = exp(½[frac log β'_t + (1 - frac) log β̃_t]), frac = (v + 1)/2  =>  σ = exp(A v + B)
-        min_log, max_log = posterior_variance.log(), current_beta.log()
-        lr_a = (max_log - min_log) / 4.0
-        lr_b = (max_log + min_log) / 4.0
-        mask = (t > 0).to(torch.float64)
-        table = torch.stack([k1, k2, coef1, coef2, std * mask, lr_a, lr_b, mask], dim=1)
+        coefficients = _reverse_step_coefficients(alphas_cumprod[t], alphas_cumprod_prev)
+        table = torch.stack(self._step_columns(coefficients, noise_mask=(t > 0).to(torch.float64)), dim=1)
 
         index_of = [-1] * num_train
         for i, value in enumerate(kept):
             index_of[value] = i
-        # Rows addressed by timestep + 1: row 0 (t < 0), row T + 1 (t >= T) and timesteps outside the chain
-        # hold NaN, so one clamp and one gather serve every timestep without a search or a synchronisation.
-        by_timestep = torch.full((num_train + 2, _NUM_COLUMNS), float("nan"), dtype=torch.float64)
+        # Rows addressed by timestep + 1: row 0 (t < 0 or fractional), row T + 1 (t >= T) and timesteps outside
+        # the chain hold NaN, so one clamp and one gather serve every timestep without a search or a
+        # synchronisation.
+        by_timestep = torch.full((num_train + 2, len(StepColumns._fields)), float("nan"), dtype=torch.float64)
         by_timestep[t + 1] = table
         self._step_table64 = by_timestep
-        self._step_rows: list[tuple[float, ...]] = [tuple(row) for row in table.tolist()]
+        self._step_rows = [StepColumns(*row) for row in table.tolist()]
         self._index_of_timestep = index_of
         self._prev_timesteps = prev.tolist()
         self._step_cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self.timesteps = t.to(device) if device is not None else t
         # Fill the cache ahead of time so a compiled step never sees it change (that would recompile).
         self._step_tables(self.timesteps.device, torch.float32)
+
+    def _step_columns(self, coefficients: ReverseStepCoefficients, noise_mask: torch.Tensor) -> StepColumns:
+        """The step table's columns (float64, one entry per step) from the chain's reverse-step coefficients."""
+        # Eq. 7: β̃'_t, floored as diffusers does before its log (only t = 0 of the full schedule has β̃ = 0).
+        posterior_variance = coefficients.posterior_variance.clamp(min=_POSTERIOR_VARIANCE_FLOOR)
+        variance_type = self.config.variance_type
+        if variance_type in ("fixed_small", "fixed_small_log"):
+            noise_std = posterior_variance.sqrt()
+        elif variance_type in ("fixed_large", "fixed_large_log"):
+            noise_std = coefficients.betas.sqrt()
+        else:  # learned variances: σ_t comes from the model output
+            noise_std = torch.zeros_like(posterior_variance)
+        midpoint, half_range = _log_variance_midpoint_and_half_range(
+            posterior_variance.log(), coefficients.betas.log()
+        )
+        return StepColumns(
+            sqrt_alphas_cumprod=coefficients.sqrt_alphas_cumprod,
+            sqrt_one_minus_alphas_cumprod=coefficients.sqrt_one_minus_alphas_cumprod,
+            sqrt_recip_alphas_cumprod=coefficients.sqrt_recip_alphas_cumprod,
+            sqrt_recipm1_alphas_cumprod=coefficients.sqrt_recipm1_alphas_cumprod,
+            posterior_mean_coef1=coefficients.posterior_mean_coef1,
+            posterior_mean_coef2=coefficients.posterior_mean_coef2,
+            noise_std=noise_std * noise_mask,
+            log_variance_midpoint=midpoint,
+            log_variance_half_range=half_range,
+            noise_mask=noise_mask,
+        )
 
     def _step_tables(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The per-timestep coefficient table on ``device`` in ``dtype`` (cached)."""
@@ -507,11 +755,24 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             self._step_cache[key] = cached
         return cached
 
-    def previous_timestep(self, timestep: int | torch.Tensor) -> int:
-        """The timestep after ``timestep`` in the current chain (-1 after the last one)."""
-        return self._prev_timesteps[self._host_index(int(timestep))]
+    def previous_timestep(self, timestep: int | torch.Tensor) -> int | torch.Tensor:
+        """The timestep after ``timestep`` in the current chain (-1 after the last one).
+
+        An ``int`` for a Python number; for a tensor, a tensor of the same shape, dtype and device (as diffusers;
+        reading an accelerator tensor synchronises, as diffusers' search does).
+        """
+        if isinstance(timestep, torch.Tensor):
+            following = [
+                self._prev_timesteps[self._host_index(_integral_timestep(value))]
+                for value in timestep.reshape(-1).tolist()
+            ]
+            return torch.tensor(following, dtype=timestep.dtype, device=timestep.device).reshape(
+                timestep.shape
+            )
+        return self._prev_timesteps[self._host_index(_integral_timestep(timestep))]
 
     def _host_index(self, timestep: int) -> int:
+        """The step index of a timestep known on the host; ValueError naming the chain if it is not in it."""
         num_train = self.config.num_train_timesteps
         index = self._index_of_timestep[timestep] if 0 <= timestep < num_train else -1
         if index < 0:
@@ -575,6 +836,30 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             return model_output[:, :channels], model_output[:, channels:]
         return model_output, None
 
+    @staticmethod
+    def _check_step_inputs(
+        model_output: torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None,
+        variance_noise: torch.Tensor | None,
+    ) -> None:
+        """Dtypes, the noise source and its shape (the model output's shape is checked by the split)."""
+        _check_floating("sample", sample)
+        _check_floating("model_output", model_output)
+        if variance_noise is not None:
+            if generator is not None:
+                raise ValueError(
+                    "Pass either generator or variance_noise to step, not both: variance_noise is the noise "
+                    "itself, so a generator would not be used."
+                )
+            _check_floating("variance_noise", variance_noise)
+            _check_same_shape("variance_noise", variance_noise, "sample", sample)
+        if isinstance(generator, list) and len(generator) != sample.shape[0]:
+            raise ValueError(
+                f"generator is a list of {len(generator)} generators but the batch has {sample.shape[0]} "
+                "samples; pass one generator per sample, or a single generator."
+            )
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -588,69 +873,143 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
     ) -> DDPMSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
         """One ancestral sampling step x_t → x_{t-1} ~ p_θ(x_{t-1} | x_t) (DDPM Algorithm 2).
 
-        Recipe (all coefficients precomputed by ``set_timesteps``, looked up by step index):
+        Recipe (all coefficients precomputed by ``set_timesteps`` with :func:`_reverse_step_coefficients`, read
+        as one :class:`StepColumns` row per timestep):
 
         1. Split off the variance channels for ``learned``/``learned_range`` (Improved DDPM §3.1).
-        2. x̂_0 from the model output: Eq. 15 for ε (x̂_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t), x̂_0 = √ᾱ_t x_t - √(1-ᾱ_t) v
-           for v-prediction, the output itself for ``sample``.
+        2. x̂_0 from the model output (:func:`_predict_original_sample`): Eq. 15 for ε
+           (x̂_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t), x̂_0 = √ᾱ_t x_t - √(1-ᾱ_t) v for v-prediction, the output itself
+           for ``sample``.
         3. Clip x̂_0 to ±clip_sample_range or dynamically threshold it.
-        4. Posterior mean μ̃_t(x_t, x̂_0) = coef1 x̂_0 + coef2 x_t (Eq. 7; with ε this is Eq. 11).
+        4. Posterior mean μ̃_t(x_t, x̂_0) = coef1 x̂_0 + coef2 x_t (:func:`_posterior_mean`, Eq. 7; with ε this
+           is Eq. 11).
         5. Add σ_t z, z ~ N(0, I), for t > 0 (σ_t² = β̃_t, β'_t or the learned Σ_θ; Eq. 6 and §3.2).
 
         Args:
-            model_output: the network output (2×C channels for learned variance types).
-            timestep: an int, a 0-d tensor, or a 1-d tensor with one timestep per batch element, each in
-                ``self.timesteps``.
-            sample: x_t.
-            generator: RNG for z, drawn as ``randn_tensor(model_output.shape, generator)`` like diffusers.
+            model_output: the network output (2×C channels for learned variance types), floating point.
+            timestep: an int (or a whole float such as ``40.0``), a 0-d tensor, or a 1-d tensor with one
+                timestep per batch element, each in ``self.timesteps``.
+            sample: x_t, a floating-point tensor.
+            generator: RNG for z, drawn as ``randn_tensor(model_output.shape, generator)`` like diffusers; a
+                list needs one generator per batch element.
             return_dict: return a :class:`DDPMSchedulerOutput` (else a tuple).
-            variance_noise: z itself (shape of ``sample``); makes ``step`` compile without graph breaks.
+            variance_noise: z itself (shape of ``sample``; excludes ``generator``); makes ``step`` compile
+                without graph breaks.
             eta, use_clipped_model_output: accepted so DDIM-style pipelines (which pass them) can run the
                 DDPM sampler; they have no effect on ancestral DDPM sampling.
 
         Returns:
             ``DDPMSchedulerOutput(prev_sample, pred_original_sample)`` or the tuple of the two.
 
-        A Python-int timestep or CPU tensor outside torch.compile is validated (ValueError if not in the
-        schedule); a device tensor is not (that would synchronise): an unknown timestep then yields NaN.
+        A timestep given as a Python number or a CPU tensor outside torch.compile is validated (ValueError if it
+        is fractional or not in the schedule); a device tensor is not (that would synchronise): an unknown or
+        fractional timestep then yields NaN.
         """
         del eta, use_clipped_model_output  # no meaning for ancestral DDPM sampling
+        self._check_step_inputs(model_output, sample, generator, variance_noise)
         # 1. split the variance channels
         mean_output, variance_output = self._split_model_output(model_output, sample)
-        if variance_noise is not None and variance_noise.shape != sample.shape:
-            raise ValueError(
-                f"variance_noise has shape {tuple(variance_noise.shape)}; it must match sample {tuple(sample.shape)}."
-            )
         out_dtype = sample.dtype
         work_dtype = out_dtype if out_dtype in (torch.float32, torch.float64) else torch.float32
         compiling = torch.compiler.is_compiling()
-        host_timestep = None
-        if not compiling and (
-            isinstance(timestep, numbers.Integral)
-            or (isinstance(timestep, torch.Tensor) and timestep.ndim == 0 and timestep.device.type == "cpu")
-        ):
-            host_timestep = int(timestep)
-
-        if host_timestep is not None:
-            prev_sample, pred_original_sample = self._step_host(
-                mean_output, variance_output, host_timestep, sample, generator, variance_noise, work_dtype
-            )
+        if isinstance(timestep, torch.Tensor):
+            on_host = timestep.ndim == 0 and timestep.device.type == "cpu" and not compiling
         else:
-            prev_sample, pred_original_sample = self._step_tensor(
-                mean_output,
-                variance_output,
-                timestep,
-                sample,
-                generator,
-                variance_noise,
-                work_dtype,
-                compiling,
+            on_host = isinstance(timestep, numbers.Real) and not compiling
+        if on_host:
+            # host path: a timestep known on the host, Python-float coefficients, the fewest kernels
+            host_timestep = _integral_timestep(
+                timestep.item() if isinstance(timestep, torch.Tensor) else timestep
             )
+            columns = self._step_rows[self._host_index(host_timestep)]
+            add_noise = host_timestep > 0
+        else:
+            # tensor path: coefficients gathered by index, no host-device synchronisation, compile friendly
+            columns, any_noise = self._gather_step_columns(timestep, sample, work_dtype, compiling)
+            add_noise = any_noise or variance_noise is not None
+        prev_sample, pred_original_sample = self._reverse_step(
+            columns, mean_output, variance_output, sample, work_dtype, add_noise, generator, variance_noise
+        )
         prev_sample = prev_sample.to(out_dtype)
         pred_original_sample = pred_original_sample.to(out_dtype)
         if not return_dict:
             return prev_sample, pred_original_sample
         return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+    def _gather_step_columns(
+        self, timestep: int | torch.Tensor, sample: torch.Tensor, work_dtype: torch.dtype, compiling: bool
+    ) -> tuple[StepColumns, bool]:
+        """The step columns at tensor timesteps, shaped (B or 1, 1, ..., 1), and whether any row adds noise.
+
+        One gather from the timestep-indexed table: a timestep outside the chain (or fractional) lands on a NaN
+        row. Where it is free (a CPU tensor outside torch.compile) the timesteps are validated instead, and
+        ``any noise`` is read so that a step with every t == 0 draws nothing, as diffusers; elsewhere it is
+        True (the noise is drawn and masked out, no synchronisation).
+        """
+        device = sample.device
+        table = self._step_tables(device, work_dtype)
+        timestep = torch.as_tensor(timestep, device=device)
+        if timestep.ndim > 1 or (timestep.ndim == 1 and timestep.shape[0] not in (1, sample.shape[0])):
+            raise ValueError(
+                f"timestep has shape {tuple(timestep.shape)}; use an int, a 0-d tensor or a 1-d tensor of length "
+                f"{sample.shape[0]} (the batch size)."
+            )
+        flat = timestep.reshape(-1)
+        index = flat.long()
+        # the row of timestep t is t + 1; a fractional timestep maps to the NaN row 0
+        index = torch.where(flat == index, index + 1, 0) if flat.is_floating_point() else index + 1
+        rows = table[index.clamp(0, self.config.num_train_timesteps + 1)]  # (B or 1, columns)
+        any_noise = True
+        if device.type == "cpu" and not compiling:
+            noise_mask = rows[:, _NOISE_MASK_COLUMN].tolist()
+            if any(map(math.isnan, noise_mask)):  # a timestep outside the chain: name it
+                for value in flat.tolist():
+                    self._host_index(_integral_timestep(value))
+            any_noise = any(noise_mask)
+        shape = (rows.shape[0], len(StepColumns._fields), *([1] * (sample.ndim - 1)))
+        return StepColumns(*rows.reshape(shape).unbind(1)), any_noise
+
+    def _reverse_step(
+        self,
+        columns: StepColumns,
+        mean_output: torch.Tensor,
+        variance_output: torch.Tensor | None,
+        sample: torch.Tensor,
+        work_dtype: torch.dtype,
+        add_noise: bool,
+        generator: torch.Generator | list[torch.Generator] | None,
+        variance_noise: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 2-5 of :meth:`step` for either path (``columns`` holds floats or gathered tensors)."""
+        x = sample.to(work_dtype)
+        # 2. x̂_0, 3. clip / threshold
+        pred_original_sample = self._clip_original(
+            _predict_original_sample(self.config.prediction_type, mean_output.to(work_dtype), x, columns)
+        )
+        # 4. posterior mean
+        prev_sample = _posterior_mean(pred_original_sample, x, columns)
+        # 5. noise, for t > 0 (zero-masked per row on the tensor path)
+        if not add_noise:
+            return prev_sample, pred_original_sample
+        noise = self._draw_noise(mean_output, generator) if variance_noise is None else variance_noise
+        scale = self._noise_scale(columns, variance_output, work_dtype)
+        return _add_scaled_(prev_sample, scale, noise.to(work_dtype)), pred_original_sample
+
+    def _noise_scale(
+        self, columns: StepColumns, variance_output: torch.Tensor | None, work_dtype: torch.dtype
+    ) -> Coefficient:
+        """σ_t: the fixed standard deviation, or exp(½ log Σ_θ) from the model's variance channels."""
+        variance_type = self.config.variance_type
+        if variance_type == "learned":
+            half_log_variance = variance_output.to(work_dtype).mul(0.5)
+        elif variance_type == "learned_range":
+            half_log_variance = _learned_range_log_variance(
+                variance_output.to(work_dtype), columns.log_variance_midpoint, columns.log_variance_half_range
+            ).mul_(0.5)
+        else:
+            return columns.noise_std
+        scale = half_log_variance.exp_()
+        return scale.mul_(columns.noise_mask) if isinstance(columns.noise_mask, torch.Tensor) else scale
 
     def _draw_noise(
         self, mean_output: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None
@@ -661,141 +1020,77 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             mean_output.shape, generator=generator, device=mean_output.device, dtype=mean_output.dtype
         )
 
-    def _step_host(
-        self,
-        mean_output: torch.Tensor,
-        variance_output: torch.Tensor | None,
-        timestep: int,
-        sample: torch.Tensor,
-        generator: torch.Generator | list[torch.Generator] | None,
-        variance_noise: torch.Tensor | None,
-        work_dtype: torch.dtype,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eager path for a timestep known on the host: Python-float coefficients, fewest kernels."""
-        k1, k2, coef1, coef2, std, lr_a, lr_b, _mask = self._step_rows[self._host_index(timestep)]
-        x = sample.to(work_dtype)
-        out = mean_output.to(work_dtype)
-        # 2. x̂_0
-        prediction_type = self.config.prediction_type
-        if prediction_type == "epsilon":
-            pred_original_sample = torch.sub(x, out, alpha=k2).mul_(k1)
-        elif prediction_type == "v_prediction":
-            pred_original_sample = torch.mul(x, k1).sub_(out, alpha=k2)
-        else:
-            pred_original_sample = out
-        # 3. clip / threshold
-        pred_original_sample = self._clip_original(pred_original_sample)
-        # 4. posterior mean
-        prev_sample = torch.mul(pred_original_sample, coef1).add_(x, alpha=coef2)
-        # 5. noise, only for t > 0
-        if timestep > 0:
-            noise = self._draw_noise(mean_output, generator) if variance_noise is None else variance_noise
-            noise = noise.to(work_dtype)
-            variance_type = self.config.variance_type
-            if variance_type == "learned":
-                prev_sample.addcmul_(variance_output.to(work_dtype).mul(0.5).exp_(), noise)
-            elif variance_type == "learned_range":
-                prev_sample.addcmul_(variance_output.to(work_dtype).mul(lr_a).add_(lr_b).exp_(), noise)
-            else:
-                prev_sample.add_(noise, alpha=std)
-        return prev_sample, pred_original_sample
-
-    def _step_tensor(
-        self,
-        mean_output: torch.Tensor,
-        variance_output: torch.Tensor | None,
-        timestep: int | torch.Tensor,
-        sample: torch.Tensor,
-        generator: torch.Generator | list[torch.Generator] | None,
-        variance_noise: torch.Tensor | None,
-        work_dtype: torch.dtype,
-        compiling: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tensor path: coefficients gathered by index, no host-device synchronisation, compile friendly."""
-        device = sample.device
-        table = self._step_tables(device, work_dtype)
-        timestep = torch.as_tensor(timestep, device=device)
-        if timestep.ndim > 1 or (timestep.ndim == 1 and timestep.shape[0] not in (1, sample.shape[0])):
-            raise ValueError(
-                f"timestep has shape {tuple(timestep.shape)}; use an int, a 0-d tensor or a 1-d tensor of length "
-                f"{sample.shape[0]} (the batch size)."
-            )
-        num_train = self.config.num_train_timesteps
-        # 1-d index (a gather, never a data-dependent select); t outside [0, T) lands on a NaN row
-        rows = table[(timestep.reshape(-1).long() + 1).clamp(0, num_train + 1)]  # (B or 1, columns)
-        host_checkable = device.type == "cpu" and not compiling
-        any_noise = True
-        if host_checkable:  # free on the CPU: validate and skip the draw when every t == 0, as diffusers
-            mask_values = rows[:, _MASK].tolist()
-            if any(math.isnan(value) for value in mask_values):
-                values = timestep.reshape(-1).tolist()
-                self._host_index(next(v for v, m in zip(values, mask_values) if math.isnan(m)))
-            any_noise = any(mask_values)
-        coefficients = rows.reshape(rows.shape[0], _NUM_COLUMNS, *([1] * (sample.ndim - 1))).unbind(1)
-        k1, k2, coef1, coef2, std, lr_a, lr_b, mask = coefficients
-        x = sample.to(work_dtype)
-        out = mean_output.to(work_dtype)
-        prediction_type = self.config.prediction_type
-        if prediction_type == "epsilon":
-            pred_original_sample = torch.addcmul(x, k2, out, value=-1.0) * k1
-        elif prediction_type == "v_prediction":
-            pred_original_sample = torch.addcmul(x * k1, k2, out, value=-1.0)
-        else:
-            pred_original_sample = out + 0.0 * k1  # + 0·k1 propagates NaN for a timestep outside the schedule
-        pred_original_sample = self._clip_original(pred_original_sample)
-        prev_sample = torch.addcmul(x * coef2, coef1, pred_original_sample)
-
-        if variance_noise is None:
-            if not any_noise:
-                return prev_sample, pred_original_sample  # t == 0 everywhere: no draw, as diffusers
-            variance_noise = self._draw_noise(mean_output, generator)
-        noise = variance_noise.to(work_dtype)
-        variance_type = self.config.variance_type
-        if variance_type == "learned":
-            scale = torch.exp(0.5 * variance_output.to(work_dtype)) * mask
-        elif variance_type == "learned_range":
-            scale = torch.exp(variance_output.to(work_dtype) * lr_a + lr_b) * mask
-        else:
-            scale = std
-        return torch.addcmul(prev_sample, scale, noise), pred_original_sample
-
     # ------------------------------------------------------------------------------------------------
     # Forward process and training-time API (always the full num_train_timesteps schedule)
     # ------------------------------------------------------------------------------------------------
-    def _extract(self, name: str, timesteps: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Gather a full-schedule table at ``timesteps`` and shape it to broadcast against ``like``."""
-        dtype = like.dtype if like.is_floating_point() else torch.float32
-        key = (name, like.device, dtype)
-        table = self._device_cache.get(key)
-        if table is None:
-            table = self._train_tables64[name].to(device=like.device, dtype=dtype)
-            self._device_cache[key] = table
-        timesteps = torch.as_tensor(timesteps, device=like.device).long()
+    def _schedule_index(self, timesteps: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+        """1-d row index into the full-schedule table. Validated where free (CPU, outside torch.compile: whole
+        numbers in [0, T), else ValueError); on an accelerator a fractional or out-of-range float timestep maps
+        to the NaN row (an out-of-range integer fails in the gather)."""
+        timesteps = torch.as_tensor(timesteps, device=device).reshape(-1)
+        num_train = self.config.num_train_timesteps
         if timesteps.device.type == "cpu" and not torch.compiler.is_compiling():
-            num_train = self.config.num_train_timesteps
-            if timesteps.numel() and not bool(((timesteps >= 0) & (timesteps < num_train)).all()):
+            values = timesteps.tolist()
+            fractional = [v for v in values if not float(v).is_integer()]
+            if fractional:
                 raise ValueError(
-                    f"timesteps {timesteps.reshape(-1).tolist()[:16]} must lie in [0, {num_train - 1}] "
-                    f"(num_train_timesteps={num_train})."
+                    f"timesteps {fractional[:8]} are not whole numbers; DDPM timesteps are integers in "
+                    f"[0, {num_train - 1}] (10 and 10.0 are accepted, 10.5 is not)."
                 )
-        values = table[timesteps].reshape(-1)
-        return values.reshape(values.shape[0], *([1] * (like.ndim - 1)))
+            if any(not 0 <= v < num_train for v in values):
+                raise ValueError(
+                    f"timesteps {values[:16]} must lie in [0, {num_train - 1}] (num_train_timesteps={num_train})."
+                )
+            return timesteps.long()
+        index = timesteps.long()
+        if timesteps.is_floating_point():
+            valid = (timesteps == index) & (index >= 0) & (index < num_train)
+            index = torch.where(valid, index, num_train)
+        return index
+
+    def _schedule_table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The full-schedule table on ``device`` in ``dtype`` (cached)."""
+        key = (device, dtype)
+        table = self._schedule_cache.get(key)
+        if table is None:
+            table = self._schedule_table64.to(device=device, dtype=dtype)
+            self._schedule_cache[key] = table
+        return table
+
+    def _gather_schedule(self, timesteps: int | torch.Tensor, like: torch.Tensor) -> ScheduleColumns:
+        """The full-schedule columns at ``timesteps`` (one per batch element of ``like``, or one for all),
+        in ``like``'s dtype and shaped (B or 1, 1, ..., 1) to broadcast against it."""
+        index = self._schedule_index(timesteps, like.device)
+        if like.ndim and index.numel() not in (1, like.shape[0]):
+            raise ValueError(
+                f"got {index.numel()} timesteps for a batch of {like.shape[0]}; pass one timestep per sample "
+                "(or a single one for all)."
+            )
+        rows = self._schedule_table(like.device, like.dtype)[index]
+        shape = (rows.shape[0], len(ScheduleColumns._fields), *([1] * (like.ndim - 1)))
+        return ScheduleColumns(*rows.reshape(shape).unbind(1))
 
     def add_noise(
         self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: int | torch.Tensor
     ) -> torch.Tensor:
         """Sample q(x_t | x_0) (Eq. 4): x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε, one timestep per batch element."""
-        sqrt_alpha = self._extract("sqrt_alphas_cumprod", timesteps, original_samples)
-        sqrt_one_minus_alpha = self._extract("sqrt_one_minus_alphas_cumprod", timesteps, original_samples)
-        return sqrt_alpha * original_samples + sqrt_one_minus_alpha * noise
+        self._check_sample_and_noise("original_samples", original_samples, noise)
+        columns = self._gather_schedule(timesteps, original_samples)
+        return columns.sqrt_alphas_cumprod * original_samples + columns.sqrt_one_minus_alphas_cumprod * noise
 
     def get_velocity(
         self, sample: torch.Tensor, noise: torch.Tensor, timesteps: int | torch.Tensor
     ) -> torch.Tensor:
         """v = √ᾱ_t ε - √(1-ᾱ_t) x_0 (Salimans & Ho 2022, Imagen Video §2.4); ``sample`` is x_0."""
-        sqrt_alpha = self._extract("sqrt_alphas_cumprod", timesteps, sample)
-        sqrt_one_minus_alpha = self._extract("sqrt_one_minus_alphas_cumprod", timesteps, sample)
-        return sqrt_alpha * noise - sqrt_one_minus_alpha * sample
+        self._check_sample_and_noise("sample", sample, noise)
+        columns = self._gather_schedule(timesteps, sample)
+        return columns.sqrt_alphas_cumprod * noise - columns.sqrt_one_minus_alphas_cumprod * sample
+
+    @staticmethod
+    def _check_sample_and_noise(name: str, sample: torch.Tensor, noise: torch.Tensor) -> None:
+        _check_floating(name, sample)
+        _check_floating("noise", noise)
+        _check_same_shape("noise", noise, name, sample)
 
     def get_target(
         self, sample: torch.Tensor, noise: torch.Tensor, timesteps: int | torch.Tensor
@@ -804,6 +1099,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
 
         ``sample`` is the clean x_0 and ``noise`` the ε used in :meth:`add_noise`.
         """
+        self._check_sample_and_noise("sample", sample, noise)
         prediction_type = self.config.prediction_type
         if prediction_type == "epsilon":
             return noise
@@ -824,35 +1120,34 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         ``source`` defaults to the configured ``prediction_type``. No clipping is applied.
         """
         source = self.config.prediction_type if source is None else source
-        _check_choice("source", source, PredictionType)
-        _check_choice("to", to, PredictionType)
+        _check_choice("source", source, get_args(PredictionType))
+        _check_choice("to", to, get_args(PredictionType))
+        _check_floating("model_output", model_output)
+        _check_floating("sample", sample)
+        _check_same_shape("model_output", model_output, "sample", sample)
         if source == to:
             return model_output
-        a = self._extract("sqrt_alphas_cumprod", timesteps, sample)
-        s = self._extract("sqrt_one_minus_alphas_cumprod", timesteps, sample)
+        columns = self._gather_schedule(timesteps, sample)
+        original = _predict_original_sample(source, model_output, sample, columns)
+        if to == "sample":
+            return original
+        a, s = columns.sqrt_alphas_cumprod, columns.sqrt_one_minus_alphas_cumprod
         if source == "epsilon":
             epsilon = model_output
-            original = (sample - s * model_output) * self._extract(
-                "sqrt_recip_alphas_cumprod", timesteps, sample
-            )
         elif source == "sample":
-            original = model_output
-            epsilon = (sample - a * model_output) / s
+            epsilon = (sample - a * model_output) / s  # Eq. 4 solved for ε
         else:
-            original = a * sample - s * model_output
             epsilon = s * sample + a * model_output
         if to == "epsilon":
             return epsilon
-        if to == "sample":
-            return original
         return a * epsilon - s * original
 
     def snr(self, timesteps: int | torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio SNR(t) = ᾱ_t / (1 - ᾱ_t) (float32, on the timesteps' device)."""
         timesteps = torch.as_tensor(timesteps)
-        return self._extract("snr", timesteps, torch.empty(0, device=timesteps.device)).reshape(
-            timesteps.shape
-        )
+        index = self._schedule_index(timesteps, timesteps.device)
+        rows = self._schedule_table(timesteps.device, torch.float32)[index]
+        return rows[:, ScheduleColumns._fields.index("snr")].reshape(timesteps.shape)
 
     def loss_weights(
         self, timesteps: int | torch.Tensor, weighting: LossWeighting = "uniform", snr_gamma: float = 5.0
@@ -863,9 +1158,8 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v and min(SNR, γ) for x_0, i.e. the x_0-space weight
         min(SNR, γ) expressed for the configured prediction target.
         """
-        _check_choice("weighting", weighting, LossWeighting)
-        if snr_gamma <= 0:
-            raise ValueError(f"snr_gamma={snr_gamma!r} must be positive.")
+        _check_choice("weighting", weighting, get_args(LossWeighting))
+        _check_finite("snr_gamma", snr_gamma, positive=True)
         snr = self.snr(timesteps)
         if weighting == "uniform":
             return torch.ones_like(snr)
@@ -886,13 +1180,16 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
 
         Returns (mean, variance, log_variance); the log-variance uses β̃_1 at t = 0, where β̃_0 = 0.
         """
-        mean = (
-            self._extract("posterior_mean_coef1", timesteps, sample) * original_sample
-            + self._extract("posterior_mean_coef2", timesteps, sample) * sample
+        _check_floating("original_sample", original_sample)
+        _check_floating("sample", sample)
+        _check_same_shape("original_sample", original_sample, "sample", sample)
+        columns = self._gather_schedule(timesteps, sample)
+        mean = _posterior_mean(original_sample, sample, columns)
+        return (
+            mean,
+            columns.posterior_variance.expand_as(sample),
+            columns.posterior_log_variance_clipped.expand_as(sample),
         )
-        variance = self._extract("posterior_variance", timesteps, sample)
-        log_variance = self._extract("posterior_log_variance_clipped", timesteps, sample)
-        return mean, variance.expand_as(sample), log_variance.expand_as(sample)
 
     def p_mean_variance(
         self,
@@ -903,33 +1200,35 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
     ) -> dict[str, torch.Tensor]:
         """The reverse transition p_θ(x_{t-1} | x_t) = N(μ_θ, Σ_θ) (Eq. 1) from a model output, full schedule.
 
-        μ_θ is the posterior mean at x̂_0 (Eq. 11 for ε); Σ_θ is β̃_t (fixed_small*), β_t (fixed_large*, β̃_1 at
-        t = 0 as in the DDPM code) or learned (Improved DDPM Eq. 15 for ``learned_range``).
+        μ_θ is the posterior mean at x̂_0 (Eq. 11 for ε), computed by the same functions as :meth:`step`; Σ_θ is
+        β̃_t (fixed_small*), β_t (fixed_large*, β̃_1 at t = 0 as in the DDPM code) or learned (Improved DDPM
+        Eq. 15 for ``learned_range``).
 
         Returns a dict with ``mean``, ``variance``, ``log_variance`` and ``pred_original_sample``.
         """
+        _check_floating("model_output", model_output)
+        _check_floating("sample", sample)
         mean_output, variance_output = self._split_model_output(model_output, sample)
+        columns = self._gather_schedule(timesteps, sample)
         variance_type = self.config.variance_type
         if variance_type == "learned":
             log_variance = variance_output
         elif variance_type == "learned_range":
-            min_log = self._extract("posterior_log_variance_clipped", timesteps, sample)
-            max_log = self._extract("log_betas", timesteps, sample)
-            frac = (variance_output + 1.0) / 2.0
-            log_variance = frac * max_log + (1.0 - frac) * min_log
-        elif variance_type in ("fixed_small", "fixed_small_log"):
-            log_variance = self._extract("posterior_log_variance_clipped", timesteps, sample).expand_as(
-                sample
+            log_variance = _learned_range_log_variance(
+                variance_output, columns.log_variance_midpoint, columns.log_variance_half_range
             )
+        elif variance_type in ("fixed_small", "fixed_small_log"):
+            log_variance = columns.posterior_log_variance_clipped.expand_as(sample)
         else:
-            log_variance = self._extract("fixed_large_log_variance", timesteps, sample).expand_as(sample)
-        pred_original_sample = self.convert_prediction(mean_output, sample, timesteps, to="sample")
+            log_variance = columns.fixed_large_log_variance.expand_as(sample)
+        pred_original_sample = _predict_original_sample(
+            self.config.prediction_type, mean_output, sample, columns
+        )
         if clip_denoised:
             limit = self.config.clip_sample_range
             pred_original_sample = pred_original_sample.clamp(-limit, limit)
-        mean, _, _ = self.q_posterior_mean_variance(pred_original_sample, sample, timesteps)
         return {
-            "mean": mean,
+            "mean": _posterior_mean(pred_original_sample, sample, columns),
             "variance": torch.exp(log_variance),
             "log_variance": log_variance,
             "pred_original_sample": pred_original_sample,
@@ -961,11 +1260,13 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
 
     def prior_bpd(self, original_sample: torch.Tensor) -> torch.Tensor:
         """L_T = KL(q(x_T | x_0) || N(0, I)) per sample, in bits per dimension (DDPM Eq. 5)."""
+        _check_floating("original_sample", original_sample)
         last = torch.full(
             (original_sample.shape[0],), self.config.num_train_timesteps - 1, device=original_sample.device
         )
-        mean = self._extract("sqrt_alphas_cumprod", last, original_sample) * original_sample
-        variance = self._extract("sqrt_one_minus_alphas_cumprod", last, original_sample) ** 2
+        columns = self._gather_schedule(last, original_sample)
+        mean = columns.sqrt_alphas_cumprod * original_sample
+        variance = columns.sqrt_one_minus_alphas_cumprod**2
         kl = normal_kl(
             mean, torch.log(variance).expand_as(mean), torch.zeros_like(mean), torch.zeros_like(mean)
         )

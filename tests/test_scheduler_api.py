@@ -13,7 +13,12 @@ from diffusers import DDPMScheduler as DiffusersDDPMScheduler
 from diffusers.training_utils import compute_snr
 
 from ddpm_components import DDPMScheduler
-from ddpm_components.scheduling_ddpm import discretized_gaussian_log_likelihood, normal_kl
+from ddpm_components.scheduling_ddpm import (
+    ScheduleColumns,
+    StepColumns,
+    discretized_gaussian_log_likelihood,
+    normal_kl,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -502,6 +507,41 @@ def test_p_mean_variance_mean_equals_noise_free_step(prediction_type):
         torch.testing.assert_close(
             moments["pred_original_sample"], stepped.pred_original_sample, atol=1e-5, rtol=1e-5
         )
+
+
+def test_step_and_training_tables_come_from_one_formula():
+    """The chain's step table and the full-schedule table are built by the same coefficient function, so for
+    the full chain their common columns agree exactly (a second copy of a formula would round differently)."""
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    step_rows = scheduler._step_table64[1:-1]  # the rows of t = 0 … T-1 (row t + 1 holds timestep t)
+    schedule_rows = scheduler._schedule_table64[:-1]
+    for name in (
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+    ):
+        step_column = step_rows[:, StepColumns._fields.index(name)]
+        assert torch.equal(step_column, schedule_rows[:, ScheduleColumns._fields.index(name)]), name
+
+
+@pytest.mark.parametrize("variance_type", ["learned", "learned_range", "fixed_large"])
+def test_step_is_p_mean_variance_plus_noise(variance_type):
+    """step's x_{t-1} = μ_θ + exp(½ log Σ_θ) z with μ_θ, Σ_θ from p_mean_variance, for t > 0 of the full chain
+    (at t = 0 step adds no noise and p_mean_variance's Σ uses β̃_1, as in the DDPM code)."""
+    scheduler = DDPMScheduler(variance_type=variance_type, prediction_type="v_prediction", clip_sample=False)
+    g = torch.Generator().manual_seed(0)
+    channels = 3 if variance_type == "fixed_large" else 6
+    for t in (999, 500, 1):
+        x = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+        output = torch.randn(2, channels, 4, 4, generator=g, dtype=torch.float64).tanh()
+        noise = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+        stepped = scheduler.step(output, t, x, variance_noise=noise).prev_sample
+        moments = scheduler.p_mean_variance(output, x, torch.tensor([t, t]))
+        expected = moments["mean"] + (0.5 * moments["log_variance"]).exp() * noise
+        torch.testing.assert_close(stepped, expected, atol=1e-12, rtol=1e-10)
 
 
 def test_vlb_terms_vanish_for_the_true_posterior_and_decoder_nll_is_correct():
