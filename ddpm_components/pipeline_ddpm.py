@@ -1236,8 +1236,9 @@ def repair_interrupted_save(folder: str | os.PathLike) -> list[str]:
       (``.NAME.<hex>.tmp``, and ``.NAME.<pid>.tmp`` of processes that no longer run) are removed, in the folder
       and its direct sub-folders.
     - Leftovers of the earlier save implementation, beside the folder: a ``.NAME.old-*`` backup is moved back
-      (the whole folder when it is missing; else every entry the folder lacks; copies of files that the completed
-      save replaced are deleted, anything else is kept there with a warning); ``.NAME.saving-*`` is removed.
+      (the whole folder when it is missing; else every entry the folder lacks; where both hold a file, the
+      backup's copy is deleted only if the backup's own save manifest lists it, anything else is kept there with
+      a warning); ``.NAME.saving-*`` is removed.
 
     Nothing else is moved or deleted. Every save runs it first; it is safe to run again after an interrupt.
     """
@@ -1264,9 +1265,8 @@ def _commit_staged_save(target: Path, staging: Path) -> None:
         _fsync_file(staging / name)
     for path in {(staging / name).parent for name in files}:
         _fsync_directory(path)
-    pending = _read_save_record(
-        target
-    )  # an interrupted save that could not be finished: its files are ours too
+    # an interrupted save that could not be finished (repair_interrupted_save ran first): its files are ours too
+    pending = _read_save_record(target)
     previous = set(saved_pipeline_files(target)) | set(pending["files"] if pending else ())
     record = {"staging": staging.name, "files": files, "previous": sorted(previous)}
     _write_text(target / SAVE_IN_PROGRESS_NAME, json.dumps(record, indent=2) + "\n")
@@ -1448,10 +1448,11 @@ def _restore_moved_away_folder(target: Path) -> list[str]:
             done.append(f"moved {backup.name} back to {target.name}")
             continue
         try:
-            replaced = set(saved_pipeline_files(target))
+            ours = set(saved_pipeline_files(backup))  # what the save before the interrupted one wrote
         except ValueError:
-            replaced = set()
-        kept = _merge_back(backup, target, replaced, "")
+            ours = set()
+        kept = _merge_back(backup, target, ours, "")
+        (backup / SAVE_MANIFEST_NAME).unlink(missing_ok=True)  # last: it tells which copies are ours
         with contextlib.suppress(OSError):
             backup.rmdir()
         done.append(f"moved the contents of {backup.name} back into {target.name}")
@@ -1475,20 +1476,23 @@ def _leftovers_beside(target: Path, suffix: str) -> list[Path]:
     return sorted(p for p in candidates if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
 
 
-def _merge_back(source: Path, destination: Path, replaced: set[str], prefix: str) -> list[str]:
-    """Move every entry of ``source`` that ``destination`` lacks into it (recursively for folders both have);
-    delete the copies of files that the completed save replaced (``replaced``, its manifest); return the relative
-    paths of other conflicting entries, which stay in ``source``."""
+def _merge_back(source: Path, destination: Path, ours: set[str], prefix: str) -> list[str]:
+    """Move every entry of ``source`` (a backup) that ``destination`` lacks into it, recursively for folders both
+    have. Where both have a file, the backup's copy is deleted only if ``ours`` (the backup's save manifest) lists
+    it: an old version of a file of ours that the completed save replaced. Returns the relative paths of the other
+    conflicting entries, which stay in ``source``. The backup's manifest itself is left to the caller."""
     kept = []
     for entry in sorted(source.iterdir()):
         relative, counterpart = prefix + entry.name, destination / entry.name
+        if relative == SAVE_MANIFEST_NAME:
+            continue
         if not os.path.lexists(counterpart):
             os.replace(entry, counterpart)
         elif entry.is_dir() and not entry.is_symlink() and counterpart.is_dir():
-            kept += _merge_back(entry, counterpart, replaced, relative + "/")
+            kept += _merge_back(entry, counterpart, ours, relative + "/")
             with contextlib.suppress(OSError):
                 entry.rmdir()
-        elif not entry.is_dir() and (relative in replaced or relative == SAVE_MANIFEST_NAME):
+        elif not entry.is_dir() and relative in ours:
             entry.unlink()
         else:
             kept.append(relative)
@@ -1634,7 +1638,9 @@ def _raise_hub_error(error: Exception, repo_id: str, action: str) -> None:
         )
     elif status is not None:
         message = f"the Hub answered HTTP {status}: {error}"
-    elif isinstance(error, (hub_utils.httpx.TransportError, ConnectionError, OSError)):
+    elif isinstance(
+        error, (getattr(getattr(hub_utils, "httpx", None), "TransportError", ()), ConnectionError, OSError)
+    ):
         message = (
             f"could not reach the Hub at {endpoint} ({type(error).__name__}: {error}); check your network "
             "connection (and HF_ENDPOINT, if you set it)"

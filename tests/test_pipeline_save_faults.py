@@ -243,6 +243,31 @@ def test_an_interrupt_at_every_mutation_of_a_save(reference, tmp_path: Path, mon
         assert "refused" not in states
 
 
+def test_an_interrupted_repair_is_repaired_too(reference, tmp_path: Path, monkeypatch):
+    """A save killed in the middle of its commit, then the next save (which first finishes the interrupted
+    one) killed at each of its own mutations: still refused or loadable, and a third save repairs it."""
+    total = _count_mutations(reference, tmp_path, monkeypatch)
+    monkeypatch.setattr(
+        os, "fsync", lambda handle: None
+    )  # durability on power loss is not what is tested here
+    template = _fresh_copy(reference, tmp_path / "template")
+    with FaultInjector(total // 2).active(monkeypatch), pytest.raises(Killed):
+        _save_new(template)
+    assert _state(template, reference) == "refused"
+    folder = _fresh_copy({"template": template}, tmp_path / "count-repair")
+    with FaultInjector().active(monkeypatch) as counter:
+        _save_new(folder)
+    loaded: set[str] = set()
+    for k in range(1, counter.count + 1):
+        folder = _fresh_copy({"template": template}, tmp_path / f"case{k}")
+        with FaultInjector(k).active(monkeypatch), pytest.raises(Killed):
+            _save_new(folder)
+        _assert_user_files_intact(folder)
+        assert _state(folder, reference, loaded) in ("refused", "new")
+        _assert_repaired_as_new(folder, reference, loaded)
+        shutil.rmtree(folder.parent)
+
+
 def test_diffusers_refuses_an_interrupted_folder_naming_the_save(reference, tmp_path, monkeypatch):
     """While files are being moved, model_index.json is a tombstone: diffusers' own loaders fail on it with
     a message naming the interrupted save, instead of loading a mix of old and new weights."""
@@ -365,32 +390,32 @@ def test_leftovers_of_the_earlier_save_are_restored(reference, tmp_path):
     _assert_user_files_intact(folder)
     assert _state(folder, reference) == "new"
 
-    # 2. interrupted while moving the other entries back: the backup holds the old pipeline (the new one is in
-    #    place) and the entries not moved yet, including user files inside the old unet/
+    # 2. interrupted while moving the other entries back: the new pipeline is in place; the backup holds the old
+    #    folder's manifest and pipeline files, and the entries not moved yet, including a user file inside the
+    #    old unet/
     shutil.rmtree(folder)
     _save_new(folder)
     backup.mkdir()
-    for name in ("checkpoint-5/model.safetensors", "unet/important.txt", "unet/config.json", "README.md"):
-        source = reference["template"] / name
+    for name in (
+        SAVE_MANIFEST_NAME,
+        "checkpoint-5/model.safetensors",
+        "unet/important.txt",
+        "unet/config.json",
+    ):
         (backup / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, backup / name)
-    (backup / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"a user's file of that name")
-    (folder / "unet" / "diffusion_pytorch_model.safetensors").rename(folder / "unet" / "kept")  # not replaced
-    shutil.copyfile(folder / "unet" / "kept", folder / "unet" / "diffusion_pytorch_model.safetensors")
-    saved_files = set(saved_pipeline_files(folder))
-    (folder / SAVE_MANIFEST_NAME).write_text(
-        json.dumps({"files": sorted(saved_files - {"unet/diffusion_pytorch_model.safetensors"})})
-    )
+        shutil.copyfile(reference["template"] / name, backup / name)
+    (backup / "notes.txt").write_text("a second notes.txt: not listed by the old manifest")
+    (folder / "notes.txt").write_bytes(USER_FILES["notes.txt"])
     done = repair_interrupted_save(folder)
     assert any("moved the contents of .out.old-0a1b2c3d back" in line for line in done)
     assert (folder / "checkpoint-5" / "model.safetensors").read_bytes() == USER_FILES[
         "checkpoint-5/model.safetensors"
     ]
     assert (folder / "unet" / "important.txt").read_bytes() == USER_FILES["unet/important.txt"]
-    # the copies of files the completed save replaced are gone; a conflicting file it did not list stays there
-    assert sorted(p.relative_to(backup).as_posix() for p in backup.rglob("*") if p.is_file()) == [
-        "unet/diffusion_pytorch_model.safetensors"
-    ]
+    assert _state(folder, reference) == "new"  # the new manifest and files stay as they are
+    # the old copy of a file of ours (listed by the backup's manifest) is gone; a conflicting file it does not
+    # list stays in the backup
+    assert sorted(p.relative_to(backup).as_posix() for p in backup.rglob("*") if p.is_file()) == ["notes.txt"]
 
 
 # ------------------------------------------------------------------------------------- real signals
