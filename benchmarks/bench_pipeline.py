@@ -14,8 +14,13 @@ Rows:
 Columns: median and best time per sampling run (``--steps`` steps), per-step time, ours / diffusers ratio
 (below 1 means ours is faster), and whether the images matched (exactly, or to 1e-4 with our scheduler).
 
+- ``save`` (only when asked for, ``--rows save``): ``save_pretrained`` of the paper's CIFAR-10 pipeline
+  (35.7M parameters, 143 MB) over an earlier save, ours (staged, fsynced, moved into place file by file, with
+  a manifest) against diffusers' (written in place, no fsync), wall clock.
+
     python benchmarks/bench_pipeline.py --quick              # fewer steps and repetitions
     python benchmarks/bench_pipeline.py --threads 1 --clock cpu   # steadier on a shared machine
+    python benchmarks/bench_pipeline.py --rows save --repeats 5
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import diffusers
 import torch
@@ -66,6 +73,28 @@ def _time(pipeline, steps: int, batch: int, clock) -> tuple[float, torch.Tensor]
     return clock() - start, images
 
 
+def _time_saves(repeats: int) -> None:
+    """Median and best wall time of save_pretrained over an earlier save, diffusers' and ours."""
+    torch.manual_seed(0)
+    unet = DDPMUNet2DModel.from_preset("cifar10").eval()
+    ours = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
+    theirs = diffusers.DDPMPipeline(unet=unet.to_unet2d(), scheduler=diffusers.DDPMScheduler())
+    times: dict[str, list[float]] = {"diffusers": [], "ours": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(repeats + 1):  # the first round writes the earlier save
+            for name, pipeline in (("diffusers", theirs), ("ours", ours)):
+                start = time.perf_counter()
+                pipeline.save_pretrained(Path(tmp) / name)
+                times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(values[1:]) for name, values in times.items()}
+    best = {name: min(values[1:]) for name, values in times.items()}
+    print(
+        f"{'save (cifar10, 143 MB)':<24} {med['diffusers']:>6.2f}/{best['diffusers']:<5.2f}"
+        f" {med['ours']:>6.2f}/{best['ours']:<5.2f} {'':>18} {'':>13}"
+        f" {med['ours'] / med['diffusers']:>7.2f}/{best['ours'] / best['diffusers']:<7.2f} {'-':>12}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="overhead,overhead-our-scheduler,digits")
@@ -95,6 +124,9 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for row in args.rows.split(","):
+        if row == "save":
+            _time_saves(args.repeats)
+            continue
         theirs, ours = _build(row)
         _time(theirs, 2, args.batch, clock), _time(ours, 2, args.batch, clock)  # warm-up
         times_theirs, times_ours, same = [], [], True

@@ -13,17 +13,19 @@ unconditional images equal those of diffusers' own ``DDPMPipeline``.
 from __future__ import annotations
 
 import contextlib
+import glob
 import inspect
 import json
 import logging
+import math
 import numbers
 import os
 import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal, get_args
 
 import torch
@@ -65,6 +67,17 @@ def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
     """Raise a ValueError naming ``value`` and the allowed ``choices`` when ``value`` is not one of them."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def _is_integer(value: Any) -> bool:
+    """True for Python and numpy integers, False for bools."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_finite_number(name: str, value: Any) -> None:
+    """Raise a ValueError unless ``value`` is a finite real number (NaN and infinity are errors, not values)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -266,6 +279,16 @@ class DDPMPipeline(DiffusionPipeline):
         """Set ``pipe._interrupt = True`` from a step-end callback to stop sampling after that step."""
         return getattr(self, "_interrupt", False)
 
+    @property
+    def class_names(self) -> list[str] | None:
+        """The U-Net's class names (position = label), which ``class_labels`` accepts in place of integers.
+
+        Read from the U-Net's config key ``class_names`` (``_class_names`` on a diffusers ``UNet2DModel``, whose
+        loader warns about keys it does not know); ``None`` when the U-Net has none."""
+        config = self.unet.config
+        names = config.get("class_names") or config.get("_class_names")
+        return list(names) if names else None
+
     def _sample_shape(self) -> tuple[int, int, int]:
         config = self.unet.config
         size = config.sample_size
@@ -281,9 +304,97 @@ class DDPMPipeline(DiffusionPipeline):
         return conditional, num_classes, null_label
 
     # ------------------------------------------------------------------------------ validation
-    def _prepare_class_labels(
-        self, class_labels: Any, batch_size: int, guidance_scale: float, device: torch.device
-    ) -> torch.Tensor | None:
+    def check_inputs(
+        self,
+        batch_size: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        num_inference_steps: int | str,
+        timesteps: list[int] | None,
+        class_labels: Any,
+        guidance_scale: float,
+        image: Any,
+        strength: float,
+        output_type: str,
+        callback_on_step_end: Any,
+        callback_on_step_end_tensor_inputs: list[str] | None,
+    ) -> None:
+        """Validate every argument of :meth:`__call__` before any work (diffusers' ``check_inputs`` convention).
+
+        Raises ``ValueError`` naming the bad value and what is allowed. This is the one user-facing check of
+        class labels (the U-Net's ``forward`` does not check label values): it knows the batch size, the class
+        names, the null class and guidance, and it runs once, before the first U-Net call.
+        """
+        _check_choice("output_type", output_type, get_args(OutputType))
+        if not _is_integer(batch_size) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self._check_steps(num_inference_steps, timesteps)
+        _check_finite_number("guidance_scale", guidance_scale)
+        _check_finite_number("strength", strength)
+        if image is None and strength != 1.0:
+            raise ValueError(f"strength={strength} only applies to image-to-image: pass image= as well")
+        if image is not None and not 0.0 < strength <= 1.0:
+            raise ValueError(
+                f"strength must be in (0, 1] (the fraction of the schedule to run), got {strength}"
+            )
+        num_images = int(batch_size) if image is None else self._check_image(image, int(batch_size))
+        if isinstance(generator, list):
+            if len(generator) != num_images:
+                raise ValueError(
+                    f"got {len(generator)} generators for {num_images} images: pass one per image or one"
+                )
+            generators = generator
+        else:
+            generators = [] if generator is None else [generator]
+        bad = [g for g in generators if not isinstance(g, torch.Generator)]
+        if bad:
+            raise ValueError(f"generator must be a torch.Generator or a list of them, got {bad[0]!r}")
+        self._check_class_labels(class_labels, num_images, guidance_scale)
+        self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+
+    def _check_steps(self, num_inference_steps: Any, timesteps: Any) -> None:
+        if timesteps is not None:
+            if "timesteps" not in inspect.signature(self.scheduler.set_timesteps).parameters:
+                raise ValueError(
+                    f"{type(self.scheduler).__name__}.set_timesteps does not accept custom timesteps; "
+                    "pass num_inference_steps instead"
+                )
+            if (
+                isinstance(timesteps, (str, bytes))
+                or not hasattr(timesteps, "__len__")
+                or len(timesteps) == 0
+            ):
+                raise ValueError(
+                    f"timesteps must be a non-empty list of descending integers, got {timesteps!r}"
+                )
+            return
+        if isinstance(num_inference_steps, str):  # a respacing such as "ddim50", validated by the scheduler
+            return
+        if not _is_integer(num_inference_steps) or num_inference_steps < 1:
+            raise ValueError(
+                f"num_inference_steps must be a positive integer or a respacing string such as 'ddim50', got "
+                f"{num_inference_steps!r}"
+            )
+
+    def _check_image(self, image: Any, batch_size: int) -> int:
+        """Check ``image`` (see :func:`images_to_tensor`) against the U-Net and ``batch_size``; return the batch."""
+        channels, height, width = self._sample_shape()
+        shape = tuple(images_to_tensor(image, channels).shape)
+        if shape[1:] != (channels, height, width):
+            raise ValueError(
+                f"image has shape {shape[1:]} (channels, height, width) after preprocessing; this U-Net needs "
+                f"({channels}, {height}, {width}): resize the image to {height}x{width} and use "
+                f"{'greyscale' if channels == 1 else f'{channels}-channel'} images"
+            )
+        if shape[0] == 1:
+            return batch_size
+        if batch_size not in (1, shape[0]):
+            raise ValueError(
+                f"got {shape[0]} images and batch_size={batch_size}: pass one image (repeated batch_size times) or "
+                "batch_size equal to the number of images"
+            )
+        return shape[0]
+
+    def _check_class_labels(self, class_labels: Any, batch_size: int, guidance_scale: float) -> None:
         conditional, num_classes, null_label = self._class_info()
         guided = guidance_scale != 1.0
         if class_labels is None:
@@ -292,28 +403,20 @@ class DDPMPipeline(DiffusionPipeline):
                     f"guidance_scale={guidance_scale} needs class_labels (classifier-free guidance steers towards "
                     "a class); pass class_labels or use guidance_scale=1.0"
                 )
-            if not conditional:
-                return None
-            if null_label is None:
+            if conditional and null_label is None:
                 raise ValueError(
-                    "this U-Net is class-conditional and has no null class: pass class_labels "
-                    f"(integers in [0, {num_classes}))"
-                    if num_classes is not None
-                    else "pass class_labels"
+                    "this U-Net is class-conditional and has no null class: pass class_labels"
+                    + (f" (integers in [0, {num_classes}))" if num_classes is not None else "")
+                    + (f" or names from {self.class_names}" if self.class_names else "")
                 )
-            return torch.full((batch_size,), null_label, dtype=torch.long, device=device)
+            return
         if not conditional:
             raise ValueError(
                 "class_labels were given but this U-Net is unconditional (its config has num_class_embeds=None); "
                 "pass class_labels=None"
             )
-        labels = torch.as_tensor(class_labels, device=device)
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise ValueError(f"class_labels must be integers, got dtype {labels.dtype}")
-        labels = labels.long().reshape(-1)
-        if labels.numel() == 1:
-            labels = labels.expand(batch_size)
-        if labels.numel() != batch_size:
+        labels = self._class_label_indices(class_labels)
+        if labels.numel() not in (1, batch_size):
             raise ValueError(
                 f"class_labels must be one label or one per image ({batch_size}); got {labels.numel()} labels"
             )
@@ -332,39 +435,92 @@ class DDPMPipeline(DiffusionPipeline):
                 f"guidance_scale={guidance_scale} needs a U-Net with a null class (use_null_class_embed=True, "
                 "trained with label dropout); this U-Net has none, so only guidance_scale=1.0 is allowed"
             )
-        return labels
 
-    def _prepare_image(
-        self, image: Any, batch_size: int, device: torch.device, dtype: torch.dtype
+    def _class_label_indices(self, class_labels: Any) -> torch.Tensor:
+        """``class_labels`` (an int, a class name, a list mixing both, or an integer tensor / array) as a 1-d
+        int64 CPU tensor; names are looked up in :attr:`class_names`. The one place where names become labels."""
+        if isinstance(class_labels, torch.Tensor):
+            if (
+                class_labels.is_floating_point()
+                or class_labels.is_complex()
+                or class_labels.dtype == torch.bool
+            ):
+                raise ValueError(
+                    f"class_labels must be integers or class names, got a tensor of dtype {class_labels.dtype}"
+                )
+            if class_labels.ndim > 1:
+                raise ValueError(f"class_labels must be 0-d or 1-d, got shape {tuple(class_labels.shape)}")
+            return class_labels.detach().cpu().long().reshape(-1)
+        if hasattr(class_labels, "tolist") and not isinstance(class_labels, str):  # numpy arrays and scalars
+            class_labels = class_labels.tolist()
+        items = list(class_labels) if isinstance(class_labels, (list, tuple)) else [class_labels]
+        if not items:
+            raise ValueError("class_labels is empty; pass one label or one per image")
+        names = self.class_names
+        indices = []
+        for item in items:
+            if isinstance(item, str):
+                if not names:
+                    raise ValueError(
+                        f"class label {item!r} is a name, but this U-Net's config has no class_names; pass integer "
+                        "labels"
+                    )
+                if item not in names:
+                    raise ValueError(
+                        f"unknown class name {item!r}; valid names: {', '.join(map(repr, names))}"
+                    )
+                indices.append(names.index(item))
+            elif _is_integer(item):
+                indices.append(int(item))
+            else:
+                raise ValueError(
+                    f"class_labels must be integers or class names, got {item!r} ({type(item).__name__})"
+                )
+        return torch.tensor(indices, dtype=torch.long)
+
+    def _check_callback(self, callback: Any, tensor_inputs: list[str] | None) -> None:
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback_on_step_end must be callable, got {type(callback).__name__}")
+        names = self._callback_names(callback, tensor_inputs)
+        unknown = [name for name in names if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {unknown} are not available; choose from "
+                f"{self._callback_tensor_inputs}"
+            )
+
+    @staticmethod
+    def _callback_names(callback: Any, tensor_inputs: list[str] | None) -> list[str]:
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            return list(callback.tensor_inputs)
+        return ["latents"] if tensor_inputs is None else list(tensor_inputs)
+
+    # ------------------------------------------------------------------------- preparation steps
+    def prepare_class_labels(
+        self, class_labels: Any, batch_size: int, device: torch.device
+    ) -> torch.Tensor | None:
+        """The labels of the batch (names resolved, one label repeated), the null class when none are given on a
+        class-conditional U-Net, or ``None`` for an unconditional one. Assumes :meth:`check_inputs` passed."""
+        conditional, _, null_label = self._class_info()
+        if class_labels is None:
+            if not conditional:
+                return None
+            return torch.full((batch_size,), null_label, dtype=torch.long, device=device)
+        labels = self._class_label_indices(class_labels).to(device)
+        return labels.expand(batch_size) if labels.numel() == 1 else labels
+
+    def prepare_timesteps(
+        self,
+        num_inference_steps: int | str,
+        timesteps: list[int] | None,
+        strength: float | None,
+        device: torch.device,
     ) -> torch.Tensor:
-        channels, height, width = self._sample_shape()
-        pixels = images_to_tensor(image, channels)
-        if tuple(pixels.shape[1:]) != (channels, height, width):
-            raise ValueError(
-                f"image has shape {tuple(pixels.shape[1:])} (channels, height, width) after preprocessing; this "
-                f"U-Net needs ({channels}, {height}, {width}): resize the image to {height}x{width} and use "
-                f"{'greyscale' if channels == 1 else f'{channels}-channel'} images"
-            )
-        if pixels.shape[0] == 1 and batch_size > 1:
-            pixels = pixels.expand(batch_size, -1, -1, -1)
-        elif batch_size not in (1, pixels.shape[0]):
-            raise ValueError(
-                f"got {pixels.shape[0]} images and batch_size={batch_size}: pass one image (repeated batch_size "
-                "times) or batch_size equal to the number of images"
-            )
-        return pixels.to(device=device, dtype=dtype)
-
-    def _set_timesteps(
-        self, num_inference_steps: int | str, timesteps: list[int] | None, device: torch.device
-    ) -> None:
+        """Set the scheduler's timesteps and return those to run: all of them, or, for image-to-image
+        (``strength`` not ``None``), the last ``int(num_steps * strength)`` steps."""
         parameters = inspect.signature(self.scheduler.set_timesteps).parameters
         device_kwargs = {"device": device} if "device" in parameters else {}
         if timesteps is not None:
-            if "timesteps" not in parameters:
-                raise ValueError(
-                    f"{type(self.scheduler).__name__}.set_timesteps does not accept custom timesteps; "
-                    "pass num_inference_steps instead"
-                )
             self.scheduler.set_timesteps(timesteps=list(timesteps), **device_kwargs)
         elif isinstance(num_inference_steps, str):
             try:
@@ -376,7 +532,86 @@ class DDPMPipeline(DiffusionPipeline):
                     "steps (or timesteps=[...]), or use ddpm_components' DDPMScheduler for respacing strings"
                 ) from error
         else:
-            self.scheduler.set_timesteps(num_inference_steps, **device_kwargs)
+            self.scheduler.set_timesteps(int(num_inference_steps), **device_kwargs)
+        schedule = self.scheduler.timesteps
+        if strength is None:
+            return schedule
+        order = getattr(self.scheduler, "order", 1)
+        num_steps = len(schedule) // order
+        kept = min(int(num_steps * strength), num_steps)
+        if kept < 1:
+            raise ValueError(
+                f"strength={strength} with {num_steps} inference steps keeps no denoising step: raise strength "
+                f"to at least {1 / num_steps:.3g} or use more steps"
+            )
+        start = (num_steps - kept) * order
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(start)
+        return schedule[start:]
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        init_image: torch.Tensor | None,
+        timesteps: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """x_T ~ N(0, I), drawn exactly as diffusers' ``DDPMPipeline`` draws it; for image-to-image, the image
+        noised with ``scheduler.add_noise`` to the first timestep to run (SDEdit)."""
+        shape = (batch_size, *self._sample_shape())
+        if device.type == "mps":  # randn is not reproducible on mps
+            noise = randn_tensor(shape, generator=generator, dtype=dtype).to(device)
+        else:
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        if init_image is not None:
+            return self.scheduler.add_noise(init_image, noise, timesteps[:1].repeat(batch_size))
+        return noise * getattr(self.scheduler, "init_noise_sigma", 1.0)
+
+    def prepare_image(
+        self, image: Any, batch_size: int, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The image(s) as a ``(batch, C, H, W)`` tensor in [-1, 1] (see :func:`images_to_tensor`); one image is
+        repeated ``batch_size`` times. Assumes :meth:`check_inputs` passed."""
+        pixels = images_to_tensor(image, self._sample_shape()[0])
+        if pixels.shape[0] == 1 and batch_size > 1:
+            pixels = pixels.expand(batch_size, -1, -1, -1)
+        return pixels.to(device=device, dtype=dtype)
+
+    def predict_model_output(
+        self, latents: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The U-Net's output at step ``t``; with guidance ε = ε_uncond + g (ε_cond − ε_uncond) in one batched
+        call (Ho & Salimans 2022); for learned variance only the first C channels are guided."""
+        model_input = self.scheduler.scale_model_input(latents, t)
+        if labels is None:
+            return self.unet(model_input, t).sample
+        if self.guidance_scale == 1.0:
+            return self.unet(model_input, t, class_labels=labels).sample
+        null = torch.full_like(labels, self._class_info()[2])
+        output = self.unet(
+            torch.cat([model_input, model_input]), t, class_labels=torch.cat([null, labels])
+        ).sample
+        uncond, cond = output.chunk(2)
+        channels = latents.shape[1]
+        guided_eps = uncond[:, :channels] + self.guidance_scale * (cond[:, :channels] - uncond[:, :channels])
+        return torch.cat([guided_eps, cond[:, channels:]], dim=1)
+
+    def postprocess(self, latents: torch.Tensor, output_type: str) -> Any:
+        """Check the samples are finite (one check at the end, no per-step sync), then convert them to
+        ``output_type``. Raises ``FloatingPointError`` instead of returning black or NaN images."""
+        finite = torch.isfinite(latents).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise FloatingPointError(
+                f"sampling produced NaN or infinite values in {bad} of {latents.shape[0]} images, so no images are "
+                "returned; the U-Net's output or the scheduler's step is not finite (weights saved from a diverged "
+                "training run, a float16 overflow: try float32, or a scheduler setting that divides by zero)"
+            )
+        return VaeImageProcessor(do_resize=False, vae_scale_factor=1).postprocess(
+            latents, output_type=output_type
+        )
 
     # ----------------------------------------------------------------------------------- sampling
     @torch.no_grad()
@@ -386,7 +621,7 @@ class DDPMPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_inference_steps: int | str = 1000,
         timesteps: list[int] | None = None,
-        class_labels: int | list[int] | torch.Tensor | None = None,
+        class_labels: int | str | list[int | str] | torch.Tensor | None = None,
         guidance_scale: float = 1.0,
         image: Any = None,
         strength: float = 1.0,
@@ -405,13 +640,14 @@ class DDPMPipeline(DiffusionPipeline):
                 ``"ddim50"``) is passed on to schedulers that take respacing strings, such as ours.
             timesteps: custom descending timesteps (for schedulers whose ``set_timesteps`` takes them);
                 overrides ``num_inference_steps``.
-            class_labels: one label or one per image, for class-conditional U-Nets. ``None`` on a
-                class-conditional U-Net with a null class samples unconditionally.
-            guidance_scale: classifier-free guidance weight g: ε = ε_uncond + g (ε_cond − ε_uncond); 1.0 turns it
-                off. Needs a U-Net with a null class (``unet.null_class_label``). With learned variance only the
-                first C output channels (the mean part) are guided; the conditional variance channels are kept.
-            image: image-to-image (SDEdit): PIL image(s), numpy array(s) in [0, 1] or tensor(s) in [0, 1] or
-                [-1, 1] (the conventions of diffusers' ``VaeImageProcessor``), at the U-Net's size and channels.
+            class_labels: one label or one per image, for class-conditional U-Nets: integers, or names from the
+                U-Net's ``class_names`` (``"cat"``, ``["cat", 3]``). ``None`` on a class-conditional U-Net with a
+                null class samples unconditionally.
+            guidance_scale: classifier-free guidance weight g (finite): ε = ε_uncond + g (ε_cond − ε_uncond); 1.0
+                turns it off. Needs a U-Net with a null class (``unet.null_class_label``). With learned variance
+                only the first C output channels (the mean part) are guided; the conditional variance is kept.
+            image: image-to-image (SDEdit): PIL image(s), numpy arrays or tensors, with the ranges documented in
+                :func:`images_to_tensor`, at the U-Net's size.
             strength: with ``image``, in (0, 1]: the fraction of the denoising schedule to run. The image is noised
                 with ``scheduler.add_noise`` to the first kept timestep and denoised from there; 1.0 starts from
                 (almost) pure noise.
@@ -423,117 +659,52 @@ class DDPMPipeline(DiffusionPipeline):
 
         Returns:
             ``ImagePipelineOutput(images=...)`` or ``(images,)``.
+
+        Raises:
+            ValueError: a bad argument (see :meth:`check_inputs`), before any denoising step.
+            FloatingPointError: the samples hold NaN or infinity (see :meth:`postprocess`).
         """
-        _check_choice("output_type", output_type, get_args(OutputType))
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        integer_steps = (
-            isinstance(num_inference_steps, numbers.Integral)
-            and not isinstance(num_inference_steps, bool)
-            and num_inference_steps >= 1
-        )
-        if timesteps is None and not integer_steps and not isinstance(num_inference_steps, str):
-            # (strings such as "ddim50" are respacings that the scheduler validates)
-            raise ValueError(
-                f"num_inference_steps must be a positive integer or a respacing string such as 'ddim50', got "
-                f"{num_inference_steps!r}"
-            )
-        if integer_steps:
-            num_inference_steps = int(num_inference_steps)  # numpy integers too
-        if image is not None and not 0.0 < strength <= 1.0:
-            raise ValueError(
-                f"strength must be in (0, 1] (the fraction of the schedule to run), got {strength}"
-            )
-        if image is None and strength != 1.0:
-            raise ValueError(f"strength={strength} only applies to image-to-image: pass image= as well")
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        if callback_on_step_end_tensor_inputs is None:
-            callback_on_step_end_tensor_inputs = ["latents"]
-        unknown = [
-            name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs
-        ]
-        if unknown:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs {unknown} are not available; choose from {self._callback_tensor_inputs}"
-            )
-
-        device = self._execution_device
-        dtype = self.unet.dtype
-        init_image = None
-        if image is not None:
-            init_image = self._prepare_image(image, batch_size, device, dtype)
-            batch_size = init_image.shape[0]
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"got {len(generator)} generators for {batch_size} images: pass one per image or one"
-            )
-        labels = self._prepare_class_labels(class_labels, batch_size, guidance_scale, device)
-        guided = guidance_scale != 1.0
-        self._guidance_scale = guidance_scale
+        # 1. check every input before any work
+        self.check_inputs(
+            batch_size, generator, num_inference_steps, timesteps, class_labels, guidance_scale, image, strength,
+            output_type, callback_on_step_end, callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
+        self._guidance_scale = float(guidance_scale)
         self._interrupt = False
+        device, dtype = self._execution_device, self.unet.dtype
+        init_image = None if image is None else self.prepare_image(image, int(batch_size), device, dtype)
+        batch_size = int(batch_size) if init_image is None else init_image.shape[0]
+        labels = self.prepare_class_labels(class_labels, batch_size, device)
 
-        # timesteps (all of them, or the last `strength` part for image-to-image)
-        self._set_timesteps(num_inference_steps, timesteps, device)
-        schedule = self.scheduler.timesteps
-        if init_image is not None:
-            order = getattr(self.scheduler, "order", 1)
-            num_steps = len(schedule) // order
-            kept = min(int(num_steps * strength), num_steps)
-            if kept < 1:
-                raise ValueError(
-                    f"strength={strength} with {num_steps} inference steps keeps no denoising step: raise strength "
-                    f"to at least {1 / num_steps:.3g} or use more steps"
-                )
-            start = (num_steps - kept) * order
-            schedule = schedule[start:]
-            if hasattr(self.scheduler, "set_begin_index"):
-                self.scheduler.set_begin_index(start)
-
-        # x_T ~ N(0, I), drawn exactly as diffusers' DDPMPipeline draws it
-        shape = (batch_size, *self._sample_shape())
-        if device.type == "mps":  # randn is not reproducible on mps
-            noise = randn_tensor(shape, generator=generator, dtype=dtype).to(device)
-        else:
-            noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        if init_image is not None:
-            latents = self.scheduler.add_noise(init_image, noise, schedule[:1].repeat(batch_size))
-        else:
-            latents = noise * getattr(self.scheduler, "init_noise_sigma", 1.0)
-
-        step_parameters = inspect.signature(self.scheduler.step).parameters
-        step_kwargs = {"generator": generator} if "generator" in step_parameters else {}
+        # 2. timesteps: all of them, or the last `strength` part for image-to-image
+        schedule = self.prepare_timesteps(
+            num_inference_steps, timesteps, None if image is None else strength, device
+        )
         self._num_timesteps = len(schedule)
 
+        # 3. x_T (or the noised image)
+        latents = self.prepare_latents(batch_size, init_image, schedule, generator, device, dtype)
+
+        # 4. the denoising loop (Algorithm 2)
+        step_kwargs = (
+            {"generator": generator}
+            if "generator" in inspect.signature(self.scheduler.step).parameters
+            else {}
+        )
+        callback_names = self._callback_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
         for i, t in enumerate(self.progress_bar(schedule)):
             if self.interrupt:
                 break
-            model_input = self.scheduler.scale_model_input(latents, t)
-            if guided:
-                model_input = torch.cat([model_input, model_input])
-                null = torch.full_like(labels, self._class_info()[2])
-                output = self.unet(model_input, t, class_labels=torch.cat([null, labels])).sample
-                uncond, cond = output.chunk(2)
-                channels = latents.shape[1]
-                guided_eps = uncond[:, :channels] + guidance_scale * (
-                    cond[:, :channels] - uncond[:, :channels]
-                )
-                model_output = torch.cat([guided_eps, cond[:, channels:]], dim=1)
-            elif labels is not None:
-                model_output = self.unet(model_input, t, class_labels=labels).sample
-            else:
-                model_output = self.unet(model_input, t).sample
+            model_output = self.predict_model_output(latents, t, labels)
             latents = self.scheduler.step(model_output, t, latents, **step_kwargs, return_dict=False)[0]
-
             if callback_on_step_end is not None:
                 scope = {"latents": latents}
-                callback_kwargs = {name: scope[name] for name in callback_on_step_end_tensor_inputs}
+                callback_kwargs = {name: scope[name] for name in callback_names}
                 callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                 latents = callback_outputs.pop("latents", latents)
 
-        images = VaeImageProcessor(do_resize=False, vae_scale_factor=1).postprocess(
-            latents, output_type=output_type
-        )
+        # 5. postprocess
+        images = self.postprocess(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
@@ -553,7 +724,7 @@ class DDPMPipeline(DiffusionPipeline):
         sample_grid: Any = None,
         **kwargs: Any,
     ) -> None:
-        """Save the pipeline to a folder, atomically, in a layout that loads where ddpm-components is absent.
+        """Save the pipeline to a folder, crash-safely, in a layout that loads where ddpm-components is absent.
 
         With ``layout="auto"`` (default), a pipeline holding any non-diffusers component (our U-Net or
         scheduler) is saved in the remote-code layout: ``model_index.json`` names the pipeline and those
@@ -567,58 +738,85 @@ class DDPMPipeline(DiffusionPipeline):
         images) and ``ddpm_components.DDPMPipeline.from_pretrained(path)`` as this class.
         ``layout="remote_code"`` forces the remote-code layout, ``"diffusers"`` writes what plain diffusers writes.
 
-        The folder is written beside the target and renamed into place: a crash never leaves a half-written
-        pipeline. Top-level files of an existing target that the new save does not write are kept.
+        The folder itself is never renamed, and nothing in it that this save does not write is moved or deleted
+        (only files that the previous save's manifest lists and this save no longer writes are removed). The
+        files are written to a hidden staging folder inside it, then moved into place one by one: an interrupt at
+        any moment leaves the old pipeline, the new one, or a folder that refuses to load with a message naming
+        the interrupted save; the next save (or :func:`repair_interrupted_save`) repairs it. See
+        :func:`repair_interrupted_save` and ``docs/pipeline.md``.
 
         Args:
             save_directory: the target folder.
             safe_serialization, variant, max_shard_size: as in diffusers (safetensors by default).
             push_to_hub: also push to the Hub (``repo_id=`` and :meth:`push_to_hub`'s keywords in ``kwargs``).
-            training_config: the training configuration, written to ``training_config.json`` and the model card.
+            training_config: the training configuration, written as is to ``training_config.json``; the model
+                card shows :func:`published_training_config` of it (no local paths).
             layout: ``"auto"``, ``"remote_code"`` or ``"diffusers"`` (see above).
             sample_grid: an optional PIL image saved as ``samples.png`` and shown in the model card.
         """
         _check_choice("layout", layout, get_args(SaveLayout))
         target = check_save_directory(save_directory)
-        with _atomic_directory(target) as folder:
-            super().save_pretrained(
-                folder,
+        repair_interrupted_save(target)
+        target.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=target))
+        try:
+            self._write_pipeline_files(
+                staging,
                 safe_serialization=safe_serialization,
                 variant=variant,
                 max_shard_size=max_shard_size,
-            )
-            remote = layout == "remote_code" or (layout == "auto" and self._has_custom_components())
-            if remote:
-                self._write_remote_code_layout(folder)
-            if training_config is not None:
-                _write_text(
-                    folder / TRAINING_CONFIG_NAME, json.dumps(training_config, indent=2, default=str) + "\n"
-                )
-            if sample_grid is not None:
-                sample_grid.save(folder / SAMPLE_GRID_NAME, format="PNG")
-            card = self._model_card(
-                repo_id=kwargs.get("repo_id") or target.name,
-                remote_code=remote,
                 training_config=training_config,
-                has_grid=sample_grid is not None,
+                layout=layout,
+                sample_grid=sample_grid,
+                repo_id=kwargs.get("repo_id") or target.name,
             )
-            _write_text(folder / "README.md", card)
-            files = sorted(
-                path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()
-            )
-            _write_text(folder / SAVE_MANIFEST_NAME, json.dumps({"files": files}, indent=2) + "\n")
+            _commit_staged_save(target, staging)
+        finally:
+            _discard_uncommitted_staging(target, staging)
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", target.name)
             self.push_to_hub(
                 repo_id, training_config=training_config, layout=layout, sample_grid=sample_grid, **kwargs
             )
 
+    def _write_pipeline_files(
+        self,
+        folder: Path,
+        *,
+        safe_serialization: bool,
+        variant: str | None,
+        max_shard_size: int | str | None,
+        training_config: dict | None,
+        layout: SaveLayout,
+        sample_grid: Any,
+        repo_id: str,
+    ) -> None:
+        """Write every file of a save into the empty ``folder`` (diffusers' files, our layout, the card)."""
+        super().save_pretrained(
+            folder, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size
+        )
+        remote = layout == "remote_code" or (layout == "auto" and self._has_custom_components())
+        if remote:
+            self._write_remote_code_layout(folder)
+        _strip_local_paths_from_configs(folder)
+        if training_config is not None:
+            _write_text(
+                folder / TRAINING_CONFIG_NAME, json.dumps(training_config, indent=2, default=str) + "\n"
+            )
+        if sample_grid is not None:
+            sample_grid.save(folder / SAMPLE_GRID_NAME, format="PNG")
+        card = self._model_card(
+            repo_id=repo_id,
+            remote_code=remote,
+            training_config=None if training_config is None else published_training_config(training_config),
+            has_grid=sample_grid is not None,
+        )
+        _write_text(folder / "README.md", card)
+
     def _components_to_save(self) -> dict[str, Any]:
-        return {
-            name: getattr(component, "_orig_mod", component)  # unwrap torch.compile
-            for name, component in self.components.items()
-            if component is not None
-        }
+        # torch.compile's wrapper keeps the model in `_orig_mod` (torch has no public accessor; diffusers'
+        # `unwrap_module`, which reads the same attribute, is not in every diffusers this file supports)
+        return {name: getattr(c, "_orig_mod", c) for name, c in self.components.items() if c is not None}
 
     def _has_custom_components(self) -> bool:
         return any(not _is_library_class(type(c)) for c in self._components_to_save().values())
@@ -695,6 +893,10 @@ class DDPMPipeline(DiffusionPipeline):
         if conditional:
             extra = f", null class {null_label} (classifier-free guidance)" if null_label is not None else ""
             lines.append(f"| classes | {num_classes}{extra} |")
+            if self.class_names:
+                shown = ", ".join(f"{label} = `{name}`" for label, name in enumerate(self.class_names[:20]))
+                more = f", ... ({len(self.class_names)} in all)" if len(self.class_names) > 20 else ""
+                lines.append(f"| class names | {shown}{more} |")
         scheduler_config = getattr(scheduler, "config", {})
         lines.append(f"| scheduler | `{type(scheduler).__name__}` |")
         for key in (
@@ -742,7 +944,9 @@ class DDPMPipeline(DiffusionPipeline):
         The repository is created first (so that a bad token or an unreachable Hub fails before any sampling),
         then, unless ``sample_grid`` is given or ``num_sample_images=0``, ``num_sample_images`` images are sampled
         with ``sample_inference_steps`` steps (default 100; at most num_train_timesteps) and seed ``sample_seed``
-        for the card's grid. Files are written to a temporary folder: local files are never touched.
+        for the card's grid. Files are written to a temporary folder: local files are never touched. What is
+        uploaded carries no local paths: the training configuration is :func:`published_training_config` of
+        ``training_config`` and the save's bookkeeping files (its manifest) stay out of the upload.
 
         Returns:
             The URL of the commit. Hub failures raise :class:`HubError` with a message that says what to do.
@@ -764,7 +968,9 @@ class DDPMPipeline(DiffusionPipeline):
                 folder,
                 safe_serialization=safe_serialization,
                 variant=variant,
-                training_config=training_config,
+                training_config=None
+                if training_config is None
+                else published_training_config(training_config),
                 layout=layout,
                 sample_grid=sample_grid,
                 repo_id=repo_id,
@@ -776,6 +982,7 @@ class DDPMPipeline(DiffusionPipeline):
                     token=token,
                     commit_message=commit_message or "Upload DDPM pipeline (ddpm-components)",
                     create_pr=create_pr,
+                    ignore_patterns=list(_BOOKKEEPING_PATTERNS),  # our save's manifest is local state
                 )
             except Exception as error:
                 _raise_hub_error(error, repo_id, "uploading")
@@ -810,10 +1017,14 @@ class DDPMPipeline(DiffusionPipeline):
         :meth:`save_pretrained`) load without running their stored code when the component modules they name
         are installed next to this module (``ddpm_components``); otherwise the stored component code is used,
         which needs ``trust_remote_code=True``. Components passed as keywords (``scheduler=...``) are used as is.
+
+        A folder whose last save was interrupted is refused with a ``ValueError`` that says how to repair it
+        (see :func:`check_not_interrupted`).
         """
         source = str(pretrained_model_name_or_path)
         folder = Path(source)
         if not folder.is_dir():
+            _check_not_moved_away(folder)
             if source.count("/") > 1 or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", source):
                 raise ValueError(
                     f"{source!r} is neither an existing folder nor a Hub repo id ('namespace/name')"
@@ -831,6 +1042,7 @@ class DDPMPipeline(DiffusionPipeline):
             except Exception as error:
                 _raise_hub_error(error, source, "downloading")
                 raise
+        check_not_interrupted(folder)
         index_path = folder / "model_index.json"
         if not index_path.is_file():
             raise FileNotFoundError(f"{folder} has no model_index.json: it is not a saved pipeline folder")
@@ -951,60 +1163,438 @@ def saved_pipeline_files(folder: str | os.PathLike) -> list[str]:
 
 def remove_saved_pipeline(folder: str | os.PathLike) -> list[str]:
     """Delete the pipeline that :meth:`DDPMPipeline.save_pretrained` wrote into ``folder``: exactly the files its
-    manifest lists (then the manifest, and sub-folders left empty), never anything else. Returns what was deleted."""
-    root = Path(folder)
-    removed = []
-    for name in saved_pipeline_files(root):
-        path = (root / name).resolve()
-        if root.resolve() not in path.parents:  # a manifest never points outside its folder
-            continue
-        if path.is_file():
-            path.unlink()
-            removed.append(name)
-            if path.parent != root.resolve():
-                with contextlib.suppress(OSError):  # removes the sub-folder only when it is now empty
-                    path.parent.rmdir()
+    manifest lists (and those of an interrupted save, from its marker), then the manifest and sub-folders left
+    empty, never anything else. Leftovers of interrupted saves are repaired first (:func:`repair_interrupted_save`).
+    ``model_index.json`` goes first, so an interrupted removal leaves a folder that no loader takes for a pipeline.
+    Returns the files deleted."""
+    root = Path(os.path.abspath(os.fspath(folder)))
+    repair_interrupted_save(root)
+    if not root.is_dir():
+        return []
+    record = _read_save_record(root)
+    names = set(saved_pipeline_files(root)) | set(record["files"] if record else ())
+    ordered = sorted(names, key=lambda name: (name != _INDEX_NAME, name))
+    removed = _remove_listed_files(root, ordered)
+    (root / SAVE_IN_PROGRESS_NAME).unlink(missing_ok=True)
     (root / SAVE_MANIFEST_NAME).unlink(missing_ok=True)
     return removed
 
 
+# ------------------------------------------------------------------------------------ the save's commit
+# How a save commits (save_pretrained -> _commit_staged_save -> _finish_commit). The output folder itself is
+# never renamed, so mount points work and its permissions, checkpoints and other files stay as they are.
+#   1. every file of the save is written to a staging folder of ours INSIDE the target (one file system, so the
+#      moves below are renames) and fsynced; nothing visible has changed yet;
+#   2. the marker SAVE_IN_PROGRESS_NAME is written (the save's files, the previous save's files, the staging
+#      folder): from here on DDPMPipeline.from_pretrained refuses the folder, naming the interrupted save;
+#   3. model_index.json is replaced by a tombstone that diffusers' loaders refuse (its "_class_name" and
+#      component entries are a sentence naming the interrupted save, which diffusers' error message shows);
+#   4. each new file is moved into place with os.replace; files that the previous save wrote and this one does
+#      not are deleted; the new manifest is written;
+#   5. the new model_index.json is moved into place: diffusers' loaders see the new pipeline;
+#   6. the marker is removed: our loader sees it too; then the (empty) staging folder goes.
+# An interrupt before 2 leaves the old pipeline (and a staging folder that the next save removes), between 2 and
+# 6 a folder that refuses to load, after 6 the new pipeline. Once the marker exists the staged files are complete,
+# so repair_interrupted_save (run by every save) finishes steps 3-6 from it.
+
+#: present while a save is being committed; lists the save's files; a folder holding it is refused on load
+SAVE_IN_PROGRESS_NAME = ".ddpm_components_save_in_progress.json"
+_STAGING_PREFIX = ".ddpm_components_staging-"
+_INDEX_NAME = "model_index.json"
+#: files of a save that are local bookkeeping, not part of the model: never uploaded
+_BOOKKEEPING_PATTERNS = (SAVE_MANIFEST_NAME, SAVE_IN_PROGRESS_NAME, f"{_STAGING_PREFIX}*")
+_TOMBSTONE_KEY = "_ddpm_components_interrupted_save"
+_TOMBSTONE_NOTICE = (
+    "INTERRUPTED SAVE: a save of a ddpm-components pipeline into this folder was interrupted, so its files may "
+    "mix two saves and it must not be loaded. Repair it by saving the pipeline into this folder again, or with "
+    "ddpm_components.pipeline_ddpm.repair_interrupted_save(folder), which completes the interrupted save"
+)
+# temporary files of our atomic writers: ".NAME.<32 hex>.tmp" (this module), ".NAME.<pid>.tmp" (data module)
+_TEMPORARY_FILE = re.compile(r"\..+\.(?:[0-9a-f]{32}|(?P<pid>\d+))\.tmp")
+_WRITE_PROBE = re.compile(r"\.ddpm-write-test-\w+")  # check_save_directory's probe, killed before its unlink
+
+
+def check_not_interrupted(folder: str | os.PathLike) -> None:
+    """Raise ``ValueError`` when ``folder`` holds an interrupted save (its marker, or the tombstone
+    ``model_index.json`` of a commit in progress), saying how to repair it; return otherwise."""
+    root = Path(folder)
+    if os.path.lexists(root / SAVE_IN_PROGRESS_NAME) or _is_tombstone(root / _INDEX_NAME):
+        raise ValueError(
+            f"a save into {str(root)!r} was interrupted, so its files may mix two saves, and it is not loaded. "
+            "Repair it: save the pipeline into that folder again, or call "
+            "ddpm_components.pipeline_ddpm.repair_interrupted_save(folder), which completes the interrupted save "
+            "(other files in the folder are never touched)"
+        )
+
+
+def repair_interrupted_save(folder: str | os.PathLike) -> list[str]:
+    """Repair what interrupted saves left in or beside ``folder``; return what was done (one line each).
+
+    - A save interrupted while its files were moved into place (its marker :data:`SAVE_IN_PROGRESS_NAME` is
+      present and its staged files complete) is finished: the folder then loads as that save.
+    - Our staging folders (``.ddpm_components_staging-*``) and stale temporary files of our atomic writers
+      (``.NAME.<hex>.tmp``, and ``.NAME.<pid>.tmp`` of processes that no longer run) are removed, in the folder
+      and its direct sub-folders.
+    - Leftovers of the earlier save implementation, beside the folder: a ``.NAME.old-*`` backup is moved back
+      (the whole folder when it is missing; else every entry the folder lacks; where both hold a file, the
+      backup's copy is deleted only if the backup's own save manifest lists it, anything else is kept there with
+      a warning); ``.NAME.saving-*`` is removed.
+
+    Nothing else is moved or deleted. Every save runs it first; it is safe to run again after an interrupt.
+    """
+    target = Path(os.path.abspath(os.fspath(folder)))
+    done = _restore_moved_away_folder(target)
+    if not target.is_dir():
+        return done
+    record = _read_save_record(target)
+    if record is not None and _staged_save_is_complete(target, record):
+        _finish_commit(target, record)
+        done.append(f"completed the interrupted save ({len(record['files'])} files)")
+    for staging in sorted(target.glob(f"{_STAGING_PREFIX}*")):
+        if staging.is_dir() and not staging.is_symlink():
+            shutil.rmtree(staging)
+            done.append(f"removed the staging folder {staging.name}")
+    return done + _remove_stale_temporary_files(target)
+
+
+def _commit_staged_save(target: Path, staging: Path) -> None:
+    """Move the complete save in ``staging`` (a folder inside ``target``) into ``target`` (steps 2-6 above)."""
+    files = sorted(path.relative_to(staging).as_posix() for path in staging.rglob("*") if path.is_file())
+    _check_destinations(target, staging, files)
+    for name in files:
+        _fsync_file(staging / name)
+    for path in {(staging / name).parent for name in files}:
+        _fsync_directory(path)
+    # an interrupted save that could not be finished (repair_interrupted_save ran first): its files are ours too
+    pending = _read_save_record(target)
+    previous = set(saved_pipeline_files(target)) | set(pending["files"] if pending else ())
+    record = {"staging": staging.name, "files": files, "previous": sorted(previous)}
+    _write_text(target / SAVE_IN_PROGRESS_NAME, json.dumps(record, indent=2) + "\n")
+    _fsync_directory(target)
+    _finish_commit(target, record)
+
+
+def _finish_commit(target: Path, record: dict) -> None:
+    """Steps 3-6 of a commit, from its record; each step is skipped when already done, so an interrupted commit
+    can be finished by running this again."""
+    staging, files = target / record["staging"], record["files"]
+    if (staging / _INDEX_NAME).is_file():
+        _write_text(target / _INDEX_NAME, _tombstone(staging / _INDEX_NAME))
+    touched = {target}
+    for name in files:
+        source, destination = staging / name, target / name
+        if name == _INDEX_NAME or not os.path.lexists(source):
+            continue  # model_index.json goes last; other files may have been moved before an interrupt
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, destination)
+        touched.add(destination.parent)
+    _remove_listed_files(target, sorted(set(record["previous"]) - set(files)))
+    _write_text(target / SAVE_MANIFEST_NAME, json.dumps({"files": files}, indent=2) + "\n")
+    for path in touched:
+        _fsync_directory(path)
+    if (staging / _INDEX_NAME).is_file():
+        os.replace(staging / _INDEX_NAME, target / _INDEX_NAME)
+        _fsync_directory(target)
+    (target / SAVE_IN_PROGRESS_NAME).unlink(missing_ok=True)
+    _fsync_directory(target)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _discard_uncommitted_staging(target: Path, staging: Path) -> None:
+    """After a save (done or failed): remove ``staging`` unless its commit had started; a started commit that
+    failed (an interrupt, a disk error) is finished now if it can be, else left for the next repair."""
+    if not staging.exists():
+        return
+    record = _read_save_record(target)
+    if record is None or record["staging"] != staging.name:
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    with contextlib.suppress(Exception):  # the original exception is the one to report
+        _finish_commit(target, record)
+
+
+def _read_save_record(target: Path) -> dict | None:
+    """The marker of a save in progress as ``{"staging", "files", "previous"}``; ``None`` without a marker. An
+    unreadable marker gives a record that lists no files (it cannot be finished; the folder stays refused)."""
+    path = target / SAVE_IN_PROGRESS_NAME
+    if not os.path.lexists(path):
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        staging, files, previous = record["staging"], record["files"], record["previous"]
+        valid = isinstance(staging, str) and staging.startswith(_STAGING_PREFIX) and "/" not in staging
+        valid = valid and all(isinstance(name, str) for name in [*files, *previous])
+    except (OSError, ValueError, KeyError, TypeError):
+        valid = False
+    if not valid:
+        return {"staging": "", "files": [], "previous": []}
+    return {"staging": staging, "files": list(files), "previous": list(previous)}
+
+
+def _staged_save_is_complete(target: Path, record: dict) -> bool:
+    """True when every file of the recorded save is still staged or already moved into place."""
+    staging = target / record["staging"]
+    if not record["staging"] or not staging.is_dir() or _INDEX_NAME not in record["files"]:
+        return False
+    return all(os.path.lexists(staging / n) or os.path.lexists(target / n) for n in record["files"])
+
+
+def _tombstone(staged_index: Path) -> str:
+    """The ``model_index.json`` shown while a commit runs: diffusers' loaders fail on it with our notice."""
+    try:
+        index = json.loads(staged_index.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {}
+    tombstone: dict[str, Any] = {"_class_name": _TOMBSTONE_NOTICE, _TOMBSTONE_KEY: True}
+    for key, value in index.items() if isinstance(index, dict) else ():
+        if key == "_diffusers_version" or (not key.startswith("_") and isinstance(value, list)):
+            tombstone[key] = value if key.startswith("_") else [_TOMBSTONE_NOTICE, _TOMBSTONE_NOTICE]
+    return json.dumps(tombstone, indent=2) + "\n"
+
+
+def _is_tombstone(index_path: Path) -> bool:
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and _TOMBSTONE_KEY in index
+
+
+def _check_destinations(target: Path, staging: Path, files: list[str]) -> None:
+    """Before anything visible changes: raise ``ValueError`` when a file of the save cannot be moved into place
+    (a folder of that name, a file where a sub-folder goes, a sub-folder on another file system)."""
+    device = os.stat(staging).st_dev
+    for name in files:
+        destination = target / name
+        if destination.is_dir():
+            raise ValueError(
+                f"cannot save into {str(target)!r}: {name!r} there is a folder, but the pipeline writes a file of "
+                "that name; move it away"
+            )
+        parent = destination.parent
+        while parent != target:
+            relative = parent.relative_to(target).as_posix()
+            if os.path.lexists(parent) and not parent.is_dir():
+                raise ValueError(
+                    f"cannot save into {str(target)!r}: {relative!r} there is a file, but the pipeline needs a "
+                    "folder of that name; move it away"
+                )
+            if parent.is_dir() and os.stat(parent).st_dev != device:
+                raise ValueError(
+                    f"cannot save into {str(target)!r}: its sub-folder {relative!r} is on another file system (a "
+                    "mount point, or a link to one), so files cannot be moved into it atomically"
+                )
+            parent = parent.parent
+
+
+def _remove_listed_files(root: Path, names: list[str]) -> list[str]:
+    """Delete the files ``names`` (relative paths) inside ``root``, and sub-folders that this leaves empty; names
+    that point outside ``root`` or at folders are skipped. Returns the names deleted."""
+    inside = root.resolve()
+    removed = []
+    for name in names:
+        relative = PurePosixPath(name)
+        path = root / relative
+        if relative.is_absolute() or ".." in relative.parts or not os.path.lexists(path):
+            continue
+        parent = path.parent.resolve()
+        if (parent != inside and inside not in parent.parents) or (path.is_dir() and not path.is_symlink()):
+            continue
+        path.unlink()
+        removed.append(name)
+        folder = path.parent
+        while folder != root and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
+    return removed
+
+
+def _remove_stale_temporary_files(target: Path) -> list[str]:
+    """Delete leftover temporary files of our atomic writers in ``target`` and its direct sub-folders."""
+    removed = []
+    folders = [target, *(p for p in sorted(target.iterdir()) if p.is_dir() and not p.is_symlink())]
+    for folder in folders:
+        for entry in sorted(folder.iterdir()):
+            match = _TEMPORARY_FILE.fullmatch(entry.name)
+            probe = folder == target and _WRITE_PROBE.fullmatch(entry.name)
+            if not (match or probe) or entry.is_dir():
+                continue
+            if match and match["pid"] and _process_may_be_running(int(match["pid"])):
+                continue  # another process may be writing it right now
+            entry.unlink(missing_ok=True)
+            removed.append(f"removed the stale temporary file {entry.relative_to(target).as_posix()}")
+    return removed
+
+
+def _process_may_be_running(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # (on Windows, os.kill would terminate the process)
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, as another user's process
+        return True
+    return True
+
+
+def _restore_moved_away_folder(target: Path) -> list[str]:
+    """Undo what an interrupted save of the earlier implementation left beside ``target``: move the contents of
+    ``.NAME.old-*`` back, remove ``.NAME.saving-*`` (a staging folder holding only that save's files)."""
+    done = []
+    for backup in _leftovers_beside(target, r"old-[0-9a-f]{8}"):
+        if not os.path.lexists(target):
+            os.replace(backup, target)  # the whole folder, with its permissions
+            done.append(f"moved {backup.name} back to {target.name}")
+            continue
+        try:
+            ours = set(saved_pipeline_files(backup))  # what the save before the interrupted one wrote
+        except ValueError:
+            ours = set()
+        kept = _merge_back(backup, target, ours, "")
+        (backup / SAVE_MANIFEST_NAME).unlink(missing_ok=True)  # last: it tells which copies are ours
+        with contextlib.suppress(OSError):
+            backup.rmdir()
+        done.append(f"moved the contents of {backup.name} back into {target.name}")
+        if kept:
+            logger.warning(
+                "kept %d file(s) in %s that would overwrite files of the same name in %s: %s",
+                len(kept), backup, target, ", ".join(kept[:10]),
+            )  # fmt: skip
+    for staging in _leftovers_beside(target, r"saving-[a-z0-9_]{8}"):
+        shutil.rmtree(staging)
+        done.append(f"removed the staging folder {staging.name}")
+    return done
+
+
+def _leftovers_beside(target: Path, suffix: str) -> list[Path]:
+    """Folders ``.NAME.<suffix>`` next to ``target`` (the earlier implementation's backup and staging folders)."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.{suffix}")
+    if not target.name or not target.parent.is_dir():
+        return []
+    candidates = target.parent.glob(f"{glob.escape('.' + target.name)}.*")
+    return sorted(p for p in candidates if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
+
+
+def _merge_back(source: Path, destination: Path, ours: set[str], prefix: str) -> list[str]:
+    """Move every entry of ``source`` (a backup) that ``destination`` lacks into it, recursively for folders both
+    have. Where both have a file, the backup's copy is deleted only if ``ours`` (the backup's save manifest) lists
+    it: an old version of a file of ours that the completed save replaced. Returns the relative paths of the other
+    conflicting entries, which stay in ``source``. The backup's manifest itself is left to the caller."""
+    kept = []
+    for entry in sorted(source.iterdir()):
+        relative, counterpart = prefix + entry.name, destination / entry.name
+        if relative == SAVE_MANIFEST_NAME:
+            continue
+        if not os.path.lexists(counterpart):
+            os.replace(entry, counterpart)
+        elif entry.is_dir() and not entry.is_symlink() and counterpart.is_dir():
+            kept += _merge_back(entry, counterpart, ours, relative + "/")
+            with contextlib.suppress(OSError):
+                entry.rmdir()
+        elif not entry.is_dir() and relative in ours:
+            entry.unlink()
+        else:
+            kept.append(relative)
+    return kept
+
+
+def _check_not_moved_away(folder: Path) -> None:
+    """Raise ``ValueError`` when ``folder`` is missing because an interrupted save of the earlier implementation
+    left its contents in a ``.NAME.old-*`` folder beside it."""
+    backups = _leftovers_beside(Path(os.path.abspath(folder)), r"old-[0-9a-f]{8}")
+    if backups:
+        raise ValueError(
+            f"{str(folder)!r} does not exist, but an interrupted save of an earlier ddpm-components version left its "
+            f"contents in {str(backups[0])!r}; call ddpm_components.pipeline_ddpm.repair_interrupted_save("
+            f"{str(folder)!r}) (or save into it again) to move them back"
+        )
+
+
+def _fsync_file(path: Path) -> None:
+    handle = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make renames in ``path`` durable (POSIX; Windows cannot open folders, and some file systems refuse)."""
+    if os.name == "nt":
+        return
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
 def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` atomically (temp file + os.replace)."""
+    """Write ``text`` atomically and durably (temp file, fsync, os.replace)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def _atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a fresh folder beside ``target``; on success, rename it into place (keeping the old target's
-    other top-level entries); on failure remove it and leave ``target`` as it was."""
-    if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"cannot save a pipeline to {target}: it exists and is not a folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
-    try:
-        yield staging
-        if target.exists():
-            backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(target, backup)
-            try:
-                os.replace(staging, target)
-            except BaseException:
-                os.replace(backup, target)
-                raise
-            for entry in backup.iterdir():
-                if not (target / entry.name).exists():
-                    os.replace(entry, target / entry.name)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+# --------------------------------------------------------------------------------------------- privacy
+#: training-configuration keys whose values are local paths: what is published keeps their last component only
+PATH_CONFIG_KEYS = (
+    "output_dir",
+    "train_data_dir",
+    "resume",
+    "resume_from_checkpoint",
+    "logging_dir",
+    "cache_dir",
+    "init_image",
+)
+
+
+def published_training_config(config: dict) -> dict:
+    """A copy of a training configuration fit to publish (model card, Hub upload), without local paths.
+
+    The values of :data:`PATH_CONFIG_KEYS`, and every string that is an absolute path (POSIX, Windows or
+    ``file://``) or starts with ``~``, anywhere in nested dicts and lists, become their last path component
+    (``/home/me/runs/digits`` -> ``digits``). Hub names such as ``user/dataset`` stay. The local
+    ``training_config.json`` keeps the full paths (resuming needs them).
+    """
+    return {key: _published_value(value, key in PATH_CONFIG_KEYS) for key, value in config.items()}
+
+
+def _published_value(value: Any, is_path: bool) -> Any:
+    if isinstance(value, dict):
+        return {key: _published_value(item, key in PATH_CONFIG_KEYS) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_published_value(item, is_path) for item in value]
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, str) and (is_path or _is_local_absolute_path(value)):
+        return re.split(r"[\\/]+", value.rstrip("\\/"))[-1] or value
+    return value
+
+
+def _is_local_absolute_path(text: str) -> bool:
+    return text.startswith(("/", "\\", "~", "file:")) or bool(re.match(r"[A-Za-z]:[\\/]", text))
+
+
+def _strip_local_paths_from_configs(folder: Path) -> None:
+    """Replace the local ``_name_or_path`` that diffusers records in the configs of a loaded pipeline (e.g.
+    ``/home/me/models/x``) by its last component, in the JSON files diffusers wrote into ``folder``."""
+    for path in [folder / _INDEX_NAME, *folder.glob("*/*.json")]:
+        if not path.is_file():
+            continue
+        config = json.loads(path.read_text(encoding="utf-8"))
+        name = config.get("_name_or_path") if isinstance(config, dict) else None
+        if isinstance(name, str) and _is_local_absolute_path(name):
+            config["_name_or_path"] = _published_value(name, True)
+            _write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _read_remote_index(repo_id: str, download_kwargs: dict) -> dict:
@@ -1048,7 +1638,9 @@ def _raise_hub_error(error: Exception, repo_id: str, action: str) -> None:
         )
     elif status is not None:
         message = f"the Hub answered HTTP {status}: {error}"
-    elif isinstance(error, (hub_utils.httpx.TransportError, ConnectionError, OSError)):
+    elif isinstance(
+        error, (getattr(getattr(hub_utils, "httpx", None), "TransportError", ()), ConnectionError, OSError)
+    ):
         message = (
             f"could not reach the Hub at {endpoint} ({type(error).__name__}: {error}); check your network "
             "connection (and HF_ENDPOINT, if you set it)"

@@ -495,15 +495,10 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
                 f"class_labels must be a scalar or a 1-d tensor with 1 or batch size ({batch}) entries, "
                 f"got shape {tuple(class_labels.shape)}"
             )
-        class_labels = class_labels.to(device).reshape(-1).expand(batch)
-        if not torch.compiler.is_compiling() and class_labels.numel() > 0:
-            low, high = int(class_labels.min()), int(class_labels.max())
-            if low < 0 or high >= num_rows:
-                raise ValueError(
-                    f"class_labels must lie in 0..{num_rows - 1} (null class: {self.null_class_label}), "
-                    f"got values in {low}..{high}"
-                )
-        return self.class_embedding(class_labels)
+        # label values are not checked here: that would cost a host sync on every call (every training and
+        # sampling step); DDPMPipeline.check_inputs is the user-facing check, and torch's embedding lookup
+        # rejects an out-of-range label itself (IndexError on CPU, a device-side assert on CUDA)
+        return self.class_embedding(class_labels.to(device).reshape(-1).expand(batch))
 
     def _check_sample(self, sample: torch.Tensor) -> None:
         if sample.ndim != 4:
@@ -535,7 +530,8 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
                 :attr:`downsampling_factor`.
             timestep: An int or float, a 0-d tensor, or a 1-d tensor with 1 or ``batch`` entries.
             class_labels: Integer labels (0-d, or 1-d with 1 or ``batch`` entries) in
-                ``0..num_class_embeds - 1``, or :attr:`null_class_label`; required iff class-conditional.
+                ``0..num_class_embeds - 1``, or :attr:`null_class_label`; required iff class-conditional. Their
+                values are not checked (no host sync per call; ``DDPMPipeline`` checks them before sampling).
             return_dict: Return a :class:`DDPMUNet2DOutput` (default) or a 1-tuple.
         """
         self._check_sample(sample)
@@ -635,6 +631,11 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
     def from_unet2d(cls, unet2d: nn.Module) -> DDPMUNet2DModel:
         """Convert a diffusers ``UNet2DModel`` (same weights, same outputs).
 
+        Class names in its config (``_class_names`` as :meth:`to_unet2d` writes them, or ``class_names``) become
+        ``class_names``. With one name fewer than its ``num_class_embeds``, the last embedding is taken as the
+        null class (what :meth:`to_unet2d` makes of one), so the round trip restores the model exactly; any other
+        count raises ``ValueError``.
+
         Raises:
             ValueError: naming the option, when the UNet2DModel's configuration is one this architecture
                 cannot express (e.g. ``time_embedding_type="fourier"``, a block type other than
@@ -652,6 +653,8 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         """Export to an equivalent diffusers ``UNet2DModel`` (same weights, same outputs).
 
         The null class embedding, if any, becomes the last of ``num_class_embeds + 1`` class embeddings.
+        ``class_names`` are kept in the UNet2DModel's config as ``_class_names`` (it has no such argument); the
+        pipeline reads them there, and :meth:`from_unet2d` turns them back into ``class_names``.
         """
         from diffusers import UNet2DModel
 
@@ -689,6 +692,10 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
             add_attention=config.add_attention,
             num_class_embeds=num_class_embeds,
         )
+        if config.class_names is not None:
+            # UNet2DModel has no such argument: a hidden key ("_" first) is kept in its config.json and
+            # restored on loading without diffusers' "unexpected config attributes" warning
+            unet2d.register_to_config(_class_names=list(config.class_names))
         state_dict = _state_dict_to_unet2d(self.state_dict(), self)
         unet2d.load_state_dict(state_dict, strict=True)
         return _match_parameters(unet2d, self)
@@ -866,7 +873,20 @@ def _config_from_unet2d(config: dict[str, Any]) -> dict[str, Any]:
         "downsample_padding": config.get("downsample_padding", 1),
         "num_class_embeds": num_class_embeds,
         "use_null_class_embed": False,
+        **_class_names_from_unet2d(config, num_class_embeds),
     }
+
+
+def _class_names_from_unet2d(config: dict[str, Any], num_class_embeds: int | None) -> dict[str, Any]:
+    """``class_names`` (and the null class) for :meth:`DDPMUNet2DModel.from_unet2d`: one name per embedding, or
+    one fewer when the last embedding is a null class exported by :meth:`DDPMUNet2DModel.to_unet2d`."""
+    names = config.get("_class_names") or config.get("class_names")
+    if not names:
+        return {}
+    names = list(names)
+    if num_class_embeds is not None and len(names) == num_class_embeds - 1:
+        return {"class_names": names, "num_class_embeds": num_class_embeds - 1, "use_null_class_embed": True}
+    return {"class_names": names}  # any other count is rejected by _validate_config
 
 
 def _key_pairs(model: DDPMUNet2DModel) -> list[tuple[str, str]]:
