@@ -63,10 +63,12 @@ class HubError(RuntimeError):
     """A Hub operation (create, upload, download) failed; the message says why and what to do."""
 
 
-def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
-    """Raise a ValueError naming ``value`` and the allowed ``choices`` when ``value`` is not one of them."""
+# Copied from ddpm_components.scheduling_ddpm._check_choice
+def _check_choice(name: str, value: object, choices: tuple[object, ...]) -> None:
+    """Raise a ValueError naming the option, the bad value and every valid choice unless ``value`` is one of
+    ``choices``: ``beta_schedule='foo' is not supported; choose one of 'linear', 'scaled_linear', ...``."""
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}.")
 
 
 def _is_integer(value: Any) -> bool:
@@ -74,10 +76,13 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _check_finite_number(name: str, value: Any) -> None:
-    """Raise a ValueError unless ``value`` is a finite real number (NaN and infinity are errors, not values)."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+# Copied from ddpm_components.scheduling_ddpm._check_finite
+def _check_finite(name: str, value: object, positive: bool = False) -> None:
+    """Raise a ValueError naming ``value`` unless it is a finite real number (and > 0 when ``positive``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number.")
+    if positive and value <= 0:
+        raise ValueError(f"{name}={value!r} must be positive.")
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -328,8 +333,8 @@ class DDPMPipeline(DiffusionPipeline):
         if not _is_integer(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self._check_steps(num_inference_steps, timesteps)
-        _check_finite_number("guidance_scale", guidance_scale)
-        _check_finite_number("strength", strength)
+        _check_finite("guidance_scale", guidance_scale)
+        _check_finite("strength", strength)
         if image is None and strength != 1.0:
             raise ValueError(f"strength={strength} only applies to image-to-image: pass image= as well")
         if image is not None and not 0.0 < strength <= 1.0:

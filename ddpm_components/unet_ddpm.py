@@ -82,9 +82,12 @@ class DDPMUNet2DOutput(BaseOutput):
     sample: torch.Tensor
 
 
-def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+# Copied from ddpm_components.scheduling_ddpm._check_choice
+def _check_choice(name: str, value: object, choices: tuple[object, ...]) -> None:
+    """Raise a ValueError naming the option, the bad value and every valid choice unless ``value`` is one of
+    ``choices``: ``beta_schedule='foo' is not supported; choose one of 'linear', 'scaled_linear', ...``."""
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; valid choices: {', '.join(map(repr, choices))}")
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}.")
 
 
 def sinusoidal_timestep_embedding(

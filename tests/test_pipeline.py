@@ -255,7 +255,7 @@ def test_classifier_free_guidance_matches_reference_loop(learned_variance):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"output_type": "jpeg"}, r"output_type must be one of 'pil', 'np', 'pt'; got 'jpeg'"),
+        ({"output_type": "jpeg"}, r"output_type='jpeg' is not supported; choose one of 'pil', 'np', 'pt'\."),
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"num_inference_steps": 0}, "num_inference_steps must be a positive integer or a respacing string"),
         ({"image": torch.rand(1, 1, 8, 8), "strength": 0.0}, r"strength must be in \(0, 1\]"),

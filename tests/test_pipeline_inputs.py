@@ -36,14 +36,14 @@ def _count_unet_calls(pipeline: DDPMPipeline) -> list[int]:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"guidance_scale": math.nan, "class_labels": 1}, "guidance_scale must be a finite number, got nan"),
-        ({"guidance_scale": math.inf, "class_labels": 1}, "guidance_scale must be a finite number, got inf"),
-        ({"guidance_scale": "2"}, "guidance_scale must be a finite number, got '2'"),
+        ({"guidance_scale": math.nan, "class_labels": 1}, "guidance_scale=nan must be a finite number"),
+        ({"guidance_scale": math.inf, "class_labels": 1}, "guidance_scale=inf must be a finite number"),
+        ({"guidance_scale": "2"}, "guidance_scale='2' must be a finite number"),
         (
             {"image": torch.zeros(1, 1, 8, 8), "strength": math.nan},
-            "strength must be a finite number, got nan",
+            "strength=nan must be a finite number",
         ),
-        ({"strength": math.inf}, "strength must be a finite number, got inf"),
+        ({"strength": math.inf}, "strength=inf must be a finite number"),
         ({"batch_size": True}, "batch_size must be a positive integer, got True"),
         ({"batch_size": 2.0}, "batch_size must be a positive integer, got 2.0"),
         ({"num_inference_steps": 2.5}, "num_inference_steps must be a positive integer"),

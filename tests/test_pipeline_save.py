@@ -89,7 +89,7 @@ def test_diffusers_components_stay_a_plain_diffusers_folder(tmp_path: Path):
     ]
     assert type(DDPMPipeline.from_pretrained(tmp_path / "forced").unet) is diffusers.UNet2DModel
     with pytest.raises(
-        ValueError, match="layout must be one of 'auto', 'remote_code', 'diffusers'; got 'zip'"
+        ValueError, match=r"layout='zip' is not supported; choose one of 'auto', 'remote_code', 'diffusers'\."
     ):
         pipeline.save_pretrained(tmp_path / "bad", layout="zip")
 
