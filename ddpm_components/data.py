@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -24,6 +26,8 @@ from .pipeline_ddpm import standardize_pil_image
 from .scheduling_ddpm import _check_choice
 
 DIGITS_NUM_CLASSES = 10
+DIGITS_NUM_IMAGES = 1797
+"""How many images the embedded digits dataset holds."""
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -336,16 +340,23 @@ class ImageFolderDataset(Dataset):
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file beside it, fsync and ``os.replace``: readers see the
-    old file or the new one, never half of one, and a failed write leaves no temporary file behind."""
+    old file or the new one, never half of one, and a failed write leaves no temporary file behind.
+
+    A failed write (disk full, permission denied) raises the ``OSError`` with ``filename`` set to ``path`` (not
+    to the temporary file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(temporary, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        if error.errno is None:
+            raise
+        raise type(error)(error.errno, error.strerror, str(path)) from error
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -355,3 +366,65 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> None:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
+
+
+# ------------------------------------------------------------------------------------------- output checks
+def _nearest_existing(path: Path) -> Path:
+    """``path`` itself if it exists, else its nearest existing parent (``os.path.exists``: unreadable counts as
+    missing, so the check below reports it as not writable)."""
+    while not os.path.exists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_writable_folder(folder: Path, what: str, target: Path) -> None:
+    """Raise ``ValueError`` unless a file can be created in ``folder`` (tried for real, then removed: permission
+    bits do not tell for root, read-only mounts or pseudo file systems)."""
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".ddpm-write-test-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise ValueError(
+            f"{what} {str(target)!r}: cannot write into {str(folder)!r} ({error.strerror or error})"
+        ) from None
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """Check, writing nothing, that :func:`atomic_write_bytes` can write the file ``path``; return it as a Path.
+
+    ``ValueError`` (its message starts with ``what`` and the path) when ``path`` is a folder, when a parent of it is a
+    file, or when its folder (or the nearest existing parent, for folders still to be created) is not writable.
+    An existing file is replaced by the write."""
+    path = Path(path)
+    if os.path.isdir(path):
+        raise ValueError(
+            f"{what} {str(path)!r} is a folder; pass a file name, e.g. {str(path / 'samples.png')!r}"
+        )
+    folder = _nearest_existing(path.parent)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {str(path)!r}: {str(folder)!r} is a file, not a folder")
+    _check_writable_folder(folder, what, path)
+    return path
+
+
+def check_output_folder(path: str | os.PathLike, what: str, file_names: Sequence[str] = ()) -> Path:
+    """Check, writing nothing, that the files ``file_names`` can be written into the folder ``path`` (existing or
+    to be created); return it as a Path.
+
+    ``ValueError`` (its message starts with ``what`` and the path) when ``path`` or a parent of it is a file, when
+    one of ``file_names`` is an existing folder, or when the folder (or its nearest existing parent) is not
+    writable."""
+    path = Path(path)
+    existing = _nearest_existing(path)
+    if not os.path.isdir(existing):
+        where = "it is a file" if existing == path else f"{str(existing)!r} is a file"
+        raise ValueError(f"{what} {str(path)!r} must be a folder, but {where}")
+    if existing == path:
+        for name in file_names:
+            if os.path.isdir(path / name):
+                raise ValueError(
+                    f"{what} {str(path)!r}: {str(path / name)!r} is a folder; it would be written as a file"
+                )
+    _check_writable_folder(existing, what, path)
+    return path
