@@ -6,14 +6,40 @@ Sub-commands:
 - ``sample``: sample images from a saved pipeline (a folder or a Hub repo id);
 - ``push``: push a saved pipeline folder to the Hugging Face Hub;
 - ``train``: train a DDPM on a folder of images or on the embedded digits.
+
+Errors: every mistake in the options or the input files is reported as one line on stderr before any long work,
+with exit code 2 (see :func:`main` for the other exit codes); ``DDPM_COMPONENTS_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+DEBUG_ENVIRONMENT_VARIABLE = "DDPM_COMPONENTS_DEBUG"
+"""Set to 1 to let errors propagate with their traceback instead of the one-line message."""
+
+EXIT_USAGE = 2
+"""Exit code for a mistake in the options or the input files (also argparse's)."""
+EXIT_FAILURE = 1
+"""Exit code for a failure of the environment: the Hub, a full disk, a permission, a bug."""
+EXIT_INTERRUPTED = 130
+"""Exit code after Ctrl-C (128 + SIGINT), the shell's convention."""
+
+SEED_LIMIT = 2**64
+"""Seeds are integers in [0, 2**64): the range torch.Generator.manual_seed takes without remapping."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage block): ``PROG: error: MESSAGE (see PROG --help)``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _positive_int(value: str) -> int:
@@ -26,8 +52,74 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _finite_float(value: str) -> float:
+    """A float option: NaN and infinity are refused (NaN guidance gave black images with exit code 0)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return number
+
+
+def _seed(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {value!r}") from None
+    if not 0 <= number < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"the seed must be an integer in [0, 2**64 - 1], got {number}")
+    return number
+
+
+def _check_png_output(path: Path, flag: str) -> None:
+    """``flag``'s PNG file can be written (checked before any work; nothing is written)."""
+    from .data import check_output_file
+
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{flag} must be a .png file, got {str(path)!r}")
+    check_output_file(path, flag)
+
+
+def _torch_device(text: str | None) -> Any:
+    """The torch device named ``text`` (default: cuda if available, else cpu), checked by allocating on it."""
+    import torch
+
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise ValueError(
+            f"--device {text!r} is not a torch device (e.g. cpu, cuda, cuda:1): {error}"
+        ) from None
+    try:
+        if device.type == "meta":
+            raise RuntimeError("meta tensors hold no values")
+        torch.empty(0, device=device)
+    except Exception as error:  # torch raises several types for a missing backend or device index
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(
+            f"--device {text!r} is not available here ({reason}); available: {', '.join(_available_devices())}"
+        ) from None
+    return device
+
+
+def _available_devices() -> list[str]:
+    import torch
+
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
 # --------------------------------------------------------------------------------------------- forward
 def _add_forward_parser(subparsers: argparse._SubParsersAction) -> None:
+    # imports nothing heavy: `--help` stays instant (the checks that need torch run in _check_forward_options)
     parser = subparsers.add_parser(
         "forward",
         help="write a PNG of the forward process q(x_t | x_0) on embedded digit images",
@@ -38,7 +130,10 @@ def _add_forward_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("forward_process.png"), help="output PNG path")
     parser.add_argument(
-        "--num-images", type=_positive_int, default=8, help="rows: how many digits (default 8)"
+        "--num-images",
+        type=_positive_int,
+        default=8,
+        help="rows: how many of the embedded digits (default 8)",
     )
     parser.add_argument(
         "--num-columns", type=_positive_int, default=10, help="columns from x_0 to x_T (default 10)"
@@ -50,13 +145,29 @@ def _add_forward_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--beta-schedule",
         default="linear",
-        help="beta schedule: linear, scaled_linear, squaredcos_cap_v2 or sigmoid (default linear)",
+        help="beta schedule, e.g. linear or squaredcos_cap_v2 (default linear; a wrong name lists the valid ones)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed for the noise (default 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="random seed for the noise (default 0)")
     parser.set_defaults(func=_run_forward)
 
 
+def _check_forward_options(args: argparse.Namespace) -> None:
+    from .data import DIGITS_NUM_IMAGES
+    from .scheduling_ddpm import BetaSchedule, _check_choice
+
+    _check_choice("--beta-schedule", args.beta_schedule, BetaSchedule)
+    if args.num_images > DIGITS_NUM_IMAGES:
+        raise ValueError(
+            f"--num-images {args.num_images} is more than the {DIGITS_NUM_IMAGES:,} embedded digits; pass at most "
+            f"{DIGITS_NUM_IMAGES}"
+        )
+    if args.num_columns < 2:
+        raise ValueError(f"--num-columns must be at least 2 (x_0 and x_T), got {args.num_columns}")
+    _check_png_output(args.out, "--out")
+
+
 def _run_forward(args: argparse.Namespace) -> int:
+    _check_forward_options(args)
     import torch
     from diffusers.utils import make_image_grid
     from PIL import Image
@@ -64,8 +175,6 @@ def _run_forward(args: argparse.Namespace) -> int:
     from .data import digits_tensor, save_png, to_uint8_images
     from .scheduling_ddpm import DDPMScheduler
 
-    if args.num_columns < 2:
-        raise ValueError(f"--num-columns must be at least 2 (x_0 and x_T), got {args.num_columns}")
     scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule)
     images, _ = digits_tensor(args.resolution)
     generator = torch.Generator().manual_seed(args.seed)
@@ -156,7 +265,8 @@ def _add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
             "Sample images from a saved DDPM pipeline and write them as one PNG grid (and optionally one PNG per "
             "image). Folders saved by ddpm-components load with the installed code (no stored code runs); Hub "
             "repos are downloaded first. Image-to-image (SDEdit): --init-image noises the image to the level "
-            "--strength and denoises it from there."
+            "--strength and denoises it from there. The options, the output paths and the input image are "
+            "checked before the model is loaded; nothing is written unless sampling succeeds."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -173,34 +283,47 @@ def _add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
         help="denoising steps (1000 = the DDPM paper; fewer is faster and rougher)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="random seed: the same seed gives the same images"
+        "--seed",
+        type=_seed,
+        default=0,
+        help="random seed in [0, 2**64 - 1]: the same seed gives the same images",
     )
-    parser.add_argument(
+    labels = parser.add_mutually_exclusive_group()
+    labels.add_argument(
         "--class-label",
         type=int,
         nargs="+",
         default=None,
         metavar="L",
-        help="class label(s) for a class-conditional model: one for all images or one per image "
-        "(default: unconditional, via the null class)",
+        help="class label(s) for a class-conditional model, as integer indices: one for all images or one per "
+        "image (default: unconditional, via the null class)",
+    )
+    labels.add_argument(
+        "--class-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="class name(s) instead of --class-label, from the model's class_names (the training folder names): "
+        "one for all images or one per image",
     )
     parser.add_argument(
         "--guidance-scale",
-        type=float,
+        type=_finite_float,
         default=1.0,
         help="classifier-free guidance weight g (eps = eps_uncond + g (eps_cond - eps_uncond)); 1 = off; needs "
-        "--class-label and a model trained with label dropout",
+        "--class-label or --class-name and a model trained with label dropout",
     )
     parser.add_argument(
         "--init-image",
         type=Path,
         default=None,
         metavar="FILE",
-        help="image-to-image: start from this image (resized to the model's resolution) instead of pure noise",
+        help="image-to-image: start from this image (EXIF orientation applied, 16-bit scaled, transparency on "
+        "black, resized to the model's resolution) instead of pure noise",
     )
     parser.add_argument(
         "--strength",
-        type=float,
+        type=_finite_float,
         default=None,
         help="with --init-image: the fraction of the schedule to run, in (0, 1]; small values stay close to the "
         "image (default 0.5)",
@@ -222,42 +345,73 @@ def _add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_run_sample)
 
 
-def _run_sample(args: argparse.Namespace) -> int:
-    import math
+def _individual_names(num_images: int) -> list[str]:
+    return [f"{index:04d}.png" for index in range(num_images)]
 
-    import torch
-    from diffusers.utils import make_image_grid
-    from PIL import Image
 
-    from .data import save_png
-    from .hub import HubError, load_pipeline
+def _check_sample_options(args: argparse.Namespace) -> Any:
+    """Everything about ``sample``'s options that needs no model; returns the decoded ``--init-image`` (or None)."""
+    from .data import check_output_folder, read_image_file
+    from .pipeline_ddpm import standardize_pil_image
 
     if args.strength is not None and args.init_image is None:
         raise ValueError("--strength only applies to image-to-image: pass --init-image FILE as well")
-    if args.init_image is not None and not args.init_image.is_file():
-        raise FileNotFoundError(f"--init-image {str(args.init_image)!r}: no such file")
-    if args.out.suffix.lower() != ".png":
-        raise ValueError(f"--out must be a .png file, got {str(args.out)!r}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_png_output(args.out, "--out")
+    if args.save_individual is not None:
+        check_output_folder(args.save_individual, "--save-individual", _individual_names(args.num_images))
+    if args.init_image is None:
+        return None
+    image = read_image_file(args.init_image, "--init-image")
     try:
-        device = torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(
-            f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {error}"
-        ) from None
-    try:
-        pipeline = load_pipeline(args.model, trust_remote_code=args.trust_remote_code)
-    except HubError as error:
-        print(f"ddpm-components sample: error: {error}", file=sys.stderr)
-        return 1
+        standardize_pil_image(image, "RGB")  # refuses what the one image path cannot read (e.g. 32-bit float)
+    except ValueError as error:
+        raise ValueError(f"--init-image {str(args.init_image)!r}: {error}") from None
+    return image
+
+
+def _init_image_for(pipeline: Any, image: Any) -> Any:
+    """``--init-image`` through the one image path (standardize_pil_image), resized to the model's size."""
+    from PIL import Image
+
+    from .pipeline_ddpm import standardize_pil_image
+
+    channels, height, width = pipeline._sample_shape()
+    image = standardize_pil_image(image, "L" if channels == 1 else "RGB")
+    return image.resize((width, height), Image.Resampling.LANCZOS)
+
+
+def _image_grid(images: list[Any]) -> Any:
+    """The images in a near-square grid, row by row, padded with black tiles."""
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    blank = Image.new(images[0].mode, images[0].size)
+    grid = make_image_grid(images + [blank] * (rows * columns - len(images)), rows=rows, cols=columns)
+    return grid.convert(images[0].mode)  # make_image_grid pastes onto RGB; keep greyscale greyscale
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    init_image = _check_sample_options(args)
+    device = _torch_device(args.device)
+    import torch
+
+    from .data import save_png
+    from .hub import load_pipeline
+
+    pipeline = load_pipeline(args.model, trust_remote_code=args.trust_remote_code)
     pipeline.to(device)
+    pipeline.set_progress_bar_config(file=getattr(args, "stderr", sys.stderr))
     call_kwargs = {}
-    if args.init_image is not None:
-        channels, height, width = pipeline._sample_shape()
-        with Image.open(args.init_image) as opened:
-            init = opened.convert("L" if channels == 1 else "RGB").resize((width, height), Image.LANCZOS)
-        call_kwargs.update(image=init, strength=0.5 if args.strength is None else args.strength)
-    labels = args.class_label[0] if args.class_label and len(args.class_label) == 1 else args.class_label
+    if init_image is not None:
+        call_kwargs.update(
+            image=_init_image_for(pipeline, init_image),
+            strength=0.5 if args.strength is None else args.strength,
+        )
+    labels = args.class_label if args.class_label is not None else args.class_name
+    if labels is not None and len(labels) == 1:
+        labels = labels[0]
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     images = pipeline(
         batch_size=args.num_images,
@@ -267,15 +421,10 @@ def _run_sample(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale,
         **call_kwargs,
     ).images
-    columns = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
-    blank = Image.new(images[0].mode, images[0].size)
-    grid = make_image_grid(images + [blank] * (rows * columns - len(images)), rows=rows, cols=columns)
-    grid = grid.convert(images[0].mode)  # make_image_grid pastes onto RGB; keep greyscale greyscale
-    save_png(grid, args.out)
+    save_png(_image_grid(images), args.out)
     if args.save_individual is not None:
-        for index, image in enumerate(images):
-            save_png(image, args.save_individual / f"{index:04d}.png")
+        for name, image in zip(_individual_names(len(images)), images):
+            save_png(image, args.save_individual / name)
     where = f" and {len(images)} images in {args.save_individual}" if args.save_individual is not None else ""
     print(f"wrote {args.out} ({len(images)} images, {args.steps} steps, seed {args.seed}){where}")
     return 0
@@ -334,16 +483,14 @@ def _run_push(args: argparse.Namespace) -> int:
             resample=args.resample,
         )
     except HubError as error:
-        print(f"ddpm-components push: error: {error}", file=sys.stderr)
-        print(f"ddpm-components push: nothing was changed in {args.model}", file=sys.stderr)
-        return 1
+        raise HubError(f"{error}; nothing was changed in {args.model}") from error
     print(f"pushed {args.model} to {args.repo_id}: {url}")
     return 0
 
 
 # ------------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="ddpm-components",
         description="Denoising Diffusion Probabilistic Models as components for Hugging Face diffusers.",
     )
@@ -355,14 +502,100 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def describe_error(error: Exception) -> tuple[int, str]:
+    """The exit code and the one-line message for an error that ended a command (see :func:`main`)."""
+    import torch
+
+    from .pipeline_ddpm import HubError
+
+    if isinstance(error, (ValueError, FileNotFoundError, NotADirectoryError)):
+        return EXIT_USAGE, _one_line(str(error))
+    if isinstance(error, HubError):
+        return EXIT_FAILURE, _one_line(str(error))
+    if isinstance(error, torch.OutOfMemoryError):
+        first = (str(error).strip().splitlines() or [""])[0]
+        return EXIT_FAILURE, f"out of memory ({first}); use fewer images per run or another --device"
+    if isinstance(error, OSError):
+        if error.strerror and error.filename:
+            return EXIT_FAILURE, f"{error.strerror}: {str(error.filename)!r}"
+        return EXIT_FAILURE, _one_line(str(error)) or type(error).__name__
+    message = (str(error).strip().splitlines() or [""])[0]
+    return EXIT_FAILURE, (
+        f"unexpected {type(error).__name__}: {message} (probably a bug in ddpm-components: run again with "
+        f"{DEBUG_ENVIRONMENT_VARIABLE}=1 for the traceback and report it)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code.
+
+    Every error ends in one line on stderr (``ddpm-components COMMAND: error: ...``), never a traceback:
+
+    - exit code 2: a mistake in the options or the input files (``ValueError``, ``FileNotFoundError``,
+      ``NotADirectoryError``; argparse's own errors too), found before any long work where it can be;
+    - exit code 1: the environment failed (``HubError``; an ``OSError`` such as a full disk or a permission;
+      out of memory), or an unexpected error, which is a bug: its line says so and how to see the traceback;
+    - exit code 130: Ctrl-C (``interrupted``).
+
+    With the environment variable ``DDPM_COMPONENTS_DEBUG=1`` errors propagate with their traceback instead.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    prefix = f"ddpm-components {args.command}"
+    debug = os.environ.get(DEBUG_ENVIRONMENT_VARIABLE, "") not in ("", "0")
+    args.stderr = stderr = _LineEndTracker(sys.stderr)  # progress bars write through it (see _run_sample)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
-        print(f"ddpm-components {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as interrupt:
+        if debug:
+            raise
+        _release_frames(interrupt)
+        stderr.write_line(f"{prefix}: interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        if debug:
+            raise
+        _release_frames(error)
+        code, message = describe_error(error)
+        stderr.write_line(f"{prefix}: error: {message}")
+        return code
+
+
+class _LineEndTracker:
+    """A text stream that passes everything to ``stream`` and remembers whether the last write ended a line, so
+    that an error line never continues the line of a progress bar that an interrupt cut short."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.mid_line = False
+
+    def write(self, text: str) -> int:
+        if text:
+            self.mid_line = not text.endswith("\n")
+        return self._stream.write(text)
+
+    def write_line(self, line: str) -> None:
+        """``line`` on a line of its own."""
+        self.write(("\n" if self.mid_line else "") + line + "\n")
+        self.flush()
+
+    def __getattr__(self, name: str) -> Any:  # flush, isatty, encoding, fileno ... of the stream
+        return getattr(self._stream, name)
+
+
+def _release_frames(error: BaseException) -> None:
+    """Drop the traceback of the failed command, so that what its frames hold is closed before the error line
+    is printed: an interrupted progress bar then ends its line instead of sharing it with the message."""
+    import gc
+
+    while error is not None:
+        error.__traceback__ = None
+        error = error.__context__
+    gc.collect()  # frames in reference cycles too
 
 
 if __name__ == "__main__":  # pragma: no cover

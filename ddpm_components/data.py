@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -20,7 +22,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from .pipeline_ddpm import standardize_pil_image
+from .scheduling_ddpm import _check_choice
+
 DIGITS_NUM_CLASSES = 10
+DIGITS_NUM_IMAGES = 1797
+"""How many images the embedded digits dataset holds."""
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -71,11 +78,6 @@ CROP_MODES: tuple[str, ...] = get_args(CropMode)
 logger = logging.getLogger(__name__)
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
 class DigitsDataset(Dataset):
     """The embedded 8×8 digits as a training dataset (greyscale, labels 0–9).
 
@@ -118,26 +120,99 @@ def _is_readable_image(path: Path) -> str | None:
     return None
 
 
-def _to_8_bit(image: Image.Image) -> Image.Image:
-    """16-bit greyscale (modes ``I;16*`` and ``I``, e.g. 16-bit PNGs) scaled to 8-bit ``L``; other modes as they
-    are. Pillow's own ``convert("L")`` clips such images at 255, turning almost every pixel white."""
-    if image.mode != "I" and not image.mode.startswith("I;16"):
-        return image
-    array = np.asarray(image).astype(np.float64).clip(0, 65535)
-    return Image.fromarray(np.rint(array / 257.0).astype(np.uint8), mode="L")
+def read_image_file(path: str | os.PathLike, what: str = "image") -> Image.Image:
+    """Open and fully decode the image file ``path`` (nothing converted yet: pass the result to
+    :func:`~ddpm_components.pipeline_ddpm.standardize_pil_image`).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a folder, an empty file or a file that
+    Pillow cannot decode; each message starts with ``what`` and the path (e.g. ``--init-image 'x.png': ...``).
+    """
+    path = Path(path)
+    name = f"{what} {str(path)!r}"
+    if not path.exists():
+        raise FileNotFoundError(f"{name}: no such file")
+    if path.is_dir():
+        raise ValueError(f"{name} is a folder; pass an image file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{name} is empty (0 bytes); pass an image file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except PermissionError:
+        raise
+    except Exception as error:  # Pillow raises many types for corrupt or unknown files
+        raise ValueError(
+            f"{name} is not an image Pillow can read ({type(error).__name__}: {error}); use a PNG, JPEG or WebP file"
+        ) from None
+
+
+def _find_image_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The image files under ``root`` (paths through ``root``, sorted), and the ones that are broken links.
+
+    Hidden entries (names starting with ``.``: ``.ipynb_checkpoints/``, ``.DS_Store``, macOS ``._x.png``) are
+    ignored. Symbolic links to folders and files are followed; each real folder is read once: a link back to a
+    folder that contains it (a loop) or to a folder already read is skipped with a warning naming both paths.
+    """
+    files: list[Path] = []
+    broken: list[tuple[Path, str]] = []
+    read: dict[tuple[int, int], Path] = {}
+    stack: list[tuple[Path, tuple[tuple[int, int], ...]]] = [(root, ())]
+    while stack:
+        folder, ancestors = stack.pop()
+        try:
+            status = folder.stat()
+        except OSError as error:
+            logger.warning("skipping folder %s (%s)", folder, error.strerror or error)
+            continue
+        key = (status.st_dev, status.st_ino)
+        if key in ancestors:
+            logger.warning(
+                "symbolic link loop: %s leads back to %s, which contains it; not followed", folder, read[key]
+            )
+            continue
+        if key in read:
+            logger.warning("skipping %s: it is the same folder as %s (read once)", folder, read[key])
+            continue
+        read[key] = folder
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name, reverse=True)
+        except OSError as error:
+            logger.warning("skipping folder %s (%s)", folder, error.strerror or error)
+            continue
+        for entry in entries:  # reversed, so that the stack pops sub-folders in name order
+            if entry.name.startswith("."):
+                continue
+            path = folder / entry.name
+            if entry.is_dir(follow_symlinks=True):
+                stack.append((path, (*ancestors, key)))
+            elif Path(entry.name).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            elif entry.is_file(follow_symlinks=True):
+                files.append(path)
+            elif entry.is_symlink():
+                broken.append((path, f"broken symbolic link to {os.readlink(path)!r}"))
+    files.sort(key=lambda path: path.relative_to(root).parts)
+    return files, broken
 
 
 class ImageFolderDataset(Dataset):
     """Every image under a folder, recursively, for training.
 
-    Files ending in :data:`IMAGE_EXTENSIONS` are found recursively and sorted by path. With
-    ``use_labels=True`` the name of each file's first-level sub-folder is its class (classes sorted by
-    name; files directly in ``root`` make the dataset unlabelled). Every file is decoded once when the
-    dataset is built: unreadable or corrupt files are reported by name (a warning per file) and skipped,
-    so nothing fails mid-epoch; a folder with no readable image raises ``ValueError`` right away.
+    Files ending in :data:`IMAGE_EXTENSIONS` are found recursively and sorted by path. Hidden files and
+    folders (any name starting with ``.``, e.g. ``.ipynb_checkpoints/``) are ignored; symbolic links to
+    folders and files are followed, each real folder is read once, and a link loop is reported (a warning)
+    and not followed. With ``use_labels=True`` the name of each file's first-level sub-folder is its class:
+    ``class_names`` are the sorted folder names and a label is a position in it (files directly in ``root``
+    make the dataset unlabelled). Every file is decoded once when the dataset is built: unreadable or corrupt
+    files are reported by name (a warning per file) and skipped, so nothing fails mid-epoch; a folder with no
+    readable image raises ``ValueError`` right away.
 
-    Images are resized (shorter side to ``resolution``, bicubic, antialiased), cropped to a square
-    (``crop="center"`` or ``"random"``), optionally flipped horizontally, and mapped to [-1, 1].
+    Images are decoded through the one image path of ddpm-components,
+    :func:`~ddpm_components.pipeline_ddpm.standardize_pil_image` (EXIF orientation applied, 16-bit greyscale
+    scaled to 8 bits, transparency composited on black), then resized (shorter side to ``resolution``,
+    bicubic, antialiased), cropped to a square (``crop="center"`` or ``"random"``), optionally flipped
+    horizontally, and mapped to [-1, 1].
 
     Args:
         root: the folder.
@@ -159,8 +234,8 @@ class ImageFolderDataset(Dataset):
         use_labels: bool = True,
         check_files: bool = True,
     ) -> None:
-        _check_choice("color_mode", color_mode, COLOR_MODES)
-        _check_choice("crop", crop, CROP_MODES)
+        _check_choice("color_mode", color_mode, ColorMode)
+        _check_choice("crop", crop, CropMode)
         if resolution < 1:
             raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
         self.root = Path(root)
@@ -174,12 +249,9 @@ class ImageFolderDataset(Dataset):
         self.random_flip = random_flip
         self.num_channels = 1 if color_mode == "grayscale" else 3
 
-        candidates = sorted(
-            path
-            for path in self.root.rglob("*")
-            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
-        )
-        self.skipped: list[tuple[Path, str]] = []
+        candidates, self.skipped = _find_image_files(self.root)
+        for path, reason in self.skipped:
+            logger.warning("skipping unreadable image %s (%s)", path, reason)
         paths: list[Path] = []
         for path in tqdm(
             candidates, desc="checking images", disable=not check_files or len(candidates) < 2000
@@ -228,7 +300,7 @@ class ImageFolderDataset(Dataset):
     def load_image(self, index: int) -> torch.Tensor:
         """Decode, resize, crop and flip image ``index``; ``(C, R, R)`` float in [-1, 1]."""
         with Image.open(self.paths[index]) as image:
-            image = _to_8_bit(image).convert("L" if self.color_mode == "grayscale" else "RGB")
+            image = standardize_pil_image(image, "L" if self.color_mode == "grayscale" else "RGB")
             width, height = image.size
             scale = self.resolution / min(width, height)
             size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
@@ -268,16 +340,23 @@ class ImageFolderDataset(Dataset):
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file beside it, fsync and ``os.replace``: readers see the
-    old file or the new one, never half of one, and a failed write leaves no temporary file behind."""
+    old file or the new one, never half of one, and a failed write leaves no temporary file behind.
+
+    A failed write (disk full, permission denied) raises the ``OSError`` with ``filename`` set to ``path`` (not
+    to the temporary file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(temporary, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        if error.errno is None:
+            raise
+        raise type(error)(error.errno, error.strerror, str(path)) from error
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -287,3 +366,65 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> None:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
+
+
+# ------------------------------------------------------------------------------------------- output checks
+def _nearest_existing(path: Path) -> Path:
+    """``path`` itself if it exists, else its nearest existing parent (``os.path.exists``: unreadable counts as
+    missing, so the check below reports it as not writable)."""
+    while not os.path.exists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_writable_folder(folder: Path, what: str, target: Path) -> None:
+    """Raise ``ValueError`` unless a file can be created in ``folder`` (tried for real, then removed: permission
+    bits do not tell for root, read-only mounts or pseudo file systems)."""
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".ddpm-write-test-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise ValueError(
+            f"{what} {str(target)!r}: cannot write into {str(folder)!r} ({error.strerror or error})"
+        ) from None
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """Check, writing nothing, that :func:`atomic_write_bytes` can write the file ``path``; return it as a Path.
+
+    ``ValueError`` (its message starts with ``what`` and the path) when ``path`` is a folder, when a parent of it is a
+    file, or when its folder (or the nearest existing parent, for folders still to be created) is not writable.
+    An existing file is replaced by the write."""
+    path = Path(path)
+    if os.path.isdir(path):
+        raise ValueError(
+            f"{what} {str(path)!r} is a folder; pass a file name, e.g. {str(path / 'samples.png')!r}"
+        )
+    folder = _nearest_existing(path.parent)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {str(path)!r}: {str(folder)!r} is a file, not a folder")
+    _check_writable_folder(folder, what, path)
+    return path
+
+
+def check_output_folder(path: str | os.PathLike, what: str, file_names: Sequence[str] = ()) -> Path:
+    """Check, writing nothing, that the files ``file_names`` can be written into the folder ``path`` (existing or
+    to be created); return it as a Path.
+
+    ``ValueError`` (its message starts with ``what`` and the path) when ``path`` or a parent of it is a file, when
+    one of ``file_names`` is an existing folder, or when the folder (or its nearest existing parent) is not
+    writable."""
+    path = Path(path)
+    existing = _nearest_existing(path)
+    if not os.path.isdir(existing):
+        where = "it is a file" if existing == path else f"{str(existing)!r} is a file"
+        raise ValueError(f"{what} {str(path)!r} must be a folder, but {where}")
+    if existing == path:
+        for name in file_names:
+            if os.path.isdir(path / name):
+                raise ValueError(
+                    f"{what} {str(path)!r}: {str(path / name)!r} is a folder; it would be written as a file"
+                )
+    _check_writable_folder(existing, what, path)
+    return path

@@ -3,7 +3,8 @@
     python examples/image_to_image.py --model path/to/saved_pipeline --image photo.png --strength 0.5
 
 Small strengths keep the layout of the input and change details; strength 1 starts from (almost) pure
-noise. The image is resized to the model's resolution and converted to its number of channels.
+noise. The image is read like every image in ddpm-components (standardize_pil_image: EXIF orientation,
+16-bit greyscale, transparency on black), resized to the model's resolution and converted to its channels.
 """
 
 import argparse
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from ddpm_components import DDPMPipeline
+from ddpm_components.pipeline_ddpm import standardize_pil_image
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", required=True, help="saved pipeline folder or Hub repo id")
@@ -24,7 +26,10 @@ args = parser.parse_args()
 pipe = DDPMPipeline.from_pretrained(args.model)
 size = pipe.unet.config.sample_size
 mode = "L" if pipe.unet.config.in_channels == 1 else "RGB"
-init = Image.open(args.image).convert(mode).resize((size, size))
+with Image.open(
+    args.image
+) as opened:  # EXIF orientation, 16-bit greyscale and transparency as everywhere else
+    init = standardize_pil_image(opened, mode).resize((size, size), Image.Resampling.LANCZOS)
 
 result = pipe(
     image=init,

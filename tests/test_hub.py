@@ -103,6 +103,7 @@ def test_push_then_load_without_the_package(tmp_path: Path, hub_server, run_pyth
         assert results[case]["code"] == code, (case, results[case])
         assert message in results[case]["stderr"], (case, results[case]["stderr"])
         assert "Traceback" not in results[case]["stderr"]
+        assert len(results[case]["stderr"].splitlines()) == 1, (case, results[case]["stderr"])  # one line
     assert "nothing was changed in" in results["no_token"]["stderr"]
     assert results["sample"]["code"] == 0, results["sample"]
     assert (
@@ -213,4 +214,5 @@ def test_hub_unreachable_gives_clear_errors(tmp_path: Path, run_python):
         assert results[name]["code"] == 1, results[name]
         assert f"could not reach the Hub at http://127.0.0.1:{port}" in results[name]["stderr"], results[name]
         assert "check your network connection" in results[name]["stderr"]
+        assert len(results[name]["stderr"].splitlines()) == 1, results[name]["stderr"]
     assert _tree_digest(local) == digest

@@ -40,3 +40,26 @@ def test_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
     assert Image.open(tmp_path / "c.png").size == (8, 8)
     assert "2 of 4 steps" in capsys.readouterr().out
     assert (EXAMPLES / "push_to_hub.py").is_file()  # pushing is covered end to end by tests/test_hub.py
+
+
+def test_image_to_image_example_reads_16_bit_greyscale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The example reads its input through standardize_pil_image: a 16-bit grey 128 * 257 is grey 128, not white."""
+    import numpy as np
+    import torch
+
+    from ddpm_components import DDPMPipeline
+
+    model = tmp_path / "ours"
+    tiny_pipeline().save_pretrained(model)
+    Image.fromarray(np.full((20, 20), 128 * 257, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    _run("image_to_image.py", "--model", str(model), "--image", str(tmp_path / "grey16.png"), "--strength", "0.5",
+         "--steps", "4", "--out", str(tmp_path / "out.png"), monkeypatch=monkeypatch)  # fmt: skip
+    pipeline = DDPMPipeline.from_pretrained(model)
+    pipeline.set_progress_bar_config(disable=True)
+    expected = pipeline(
+        image=Image.new("L", (8, 8), 128),
+        strength=0.5,
+        num_inference_steps=4,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), np.asarray(expected))
