@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 DEBUG_ENVIRONMENT_VARIABLE = "DDPM_COMPONENTS_DEBUG"
 """Set to 1 to let errors propagate with their traceback instead of the one-line message."""
@@ -155,7 +155,7 @@ def _check_forward_options(args: argparse.Namespace) -> None:
     from .data import DIGITS_NUM_IMAGES
     from .scheduling_ddpm import BetaSchedule, _check_choice
 
-    _check_choice("--beta-schedule", args.beta_schedule, BetaSchedule)
+    _check_choice("--beta-schedule", args.beta_schedule, get_args(BetaSchedule))
     if args.num_images > DIGITS_NUM_IMAGES:
         raise ValueError(
             f"--num-images {args.num_images} is more than the {DIGITS_NUM_IMAGES:,} embedded digits; pass at most "

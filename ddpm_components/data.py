@@ -234,8 +234,8 @@ class ImageFolderDataset(Dataset):
         use_labels: bool = True,
         check_files: bool = True,
     ) -> None:
-        _check_choice("color_mode", color_mode, ColorMode)
-        _check_choice("crop", crop, CropMode)
+        _check_choice("color_mode", color_mode, COLOR_MODES)
+        _check_choice("crop", crop, CROP_MODES)
         if resolution < 1:
             raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
         self.root = Path(root)
