@@ -1,0 +1,245 @@
+"""How good is a trained DDPM: its negative log-likelihood bound in bits per dimension.
+
+The bound is DDPM's Eq. 5 (Ho et al. 2020, arXiv 2006.11239) with the discretized Gaussian decoder of §3.3:
+
+    -log p(x_0) <= L_T + Σ_{t=2}^{T} L_{t-1} + L_0,
+    L_T = KL(q(x_T | x_0) || N(0, I)),  L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_θ(x_{t-1} | x_t)),
+    L_0 = -log p_θ(x_0 | x_1),
+
+divided by the number of dimensions and by log 2. The terms come from the scheduler's likelihood API
+(:meth:`~ddpm_components.scheduling_ddpm.DDPMScheduler.vlb_terms` and ``prior_bpd``), so every prediction
+type and variance type of the scheduler (learned variance included) is covered; timesteps are 0-based, as in
+diffusers (the paper's t = 1 is our t = 0).
+
+- :func:`bits_per_dim` runs the whole chain, every one of the T timesteps for every image, like
+  improved-diffusion's ``calc_bpd_loop``: the number to report.
+- :func:`bits_per_dim_estimate` draws K timesteps per image, one uniformly from each of K equal strata of
+  {0, …, T-1}, and returns ``L_T + Σ_k |stratum_k| · L_{t_k}``: an unbiased estimate of the same bound (its
+  expectation over the timesteps is the full sum) at K/T of the cost, for use during training. Its variance
+  over the draw of timesteps is ``Σ_k |stratum_k|² · Var_{t ∈ stratum_k}[L_t]`` per image (stratification
+  removes the variance between strata); the standard error it reports is taken over images and so includes it.
+
+Data must be 8-bit images mapped to [-1, 1] (the decoder's bins are 2/255 wide); other values raise
+``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["BitsPerDim", "bits_per_dim", "bits_per_dim_estimate"]
+
+_GRID_TOLERANCE = 1e-3  # how far (in 8-bit levels) a value may lie from the 256-level grid
+
+
+@dataclass
+class BitsPerDim:
+    """A likelihood bound in bits per dimension, averaged over images, with its parts.
+
+    Attributes:
+        total: the bound L_T + Σ L_{t-1} + L_0 (mean over images).
+        prior: L_T, the prior term.
+        vb: Σ_{t=2}^{T} L_{t-1}, the KL terms of the chain (the decoder excluded).
+        decoder: L_0, the discretized Gaussian decoder's negative log-likelihood.
+        stderr: the standard error of ``total`` over images.
+        num_images: how many images the mean is over.
+        per_image: ``total`` of each image (a 1-d tensor).
+    """
+
+    total: float
+    prior: float
+    vb: float
+    decoder: float
+    stderr: float
+    num_images: int
+    per_image: torch.Tensor = field(repr=False)
+
+    def to_dict(self) -> dict[str, float | int]:
+        """The numbers, without the per-image tensor (what the evaluation JSON holds)."""
+        values = asdict(self)
+        values.pop("per_image")
+        return values
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
+        raise ValueError("images must be a float tensor (N, C, H, W) of 8-bit values mapped to [-1, 1]")
+    if images.shape[0] == 0:
+        raise ValueError("images is empty; pass at least one image")
+    levels = (images.double() + 1.0) * 127.5
+    off_grid = (levels - levels.round()).abs().max().item()
+    if (
+        not math.isfinite(off_grid)
+        or off_grid > _GRID_TOLERANCE
+        or levels.min() < -0.5
+        or levels.max() > 255.5
+    ):
+        raise ValueError(
+            "images must be 8-bit images mapped to [-1, 1] (x = level / 127.5 - 1, level in 0..255), as the "
+            "discretized decoder L_0 needs; these hold other values"
+        )
+
+
+def _class_labels_for(unet: Any, class_labels: torch.Tensor | None, num_images: int) -> torch.Tensor | None:
+    """Labels to condition on: the given ones, else the null class of a class-conditional U-Net."""
+    conditional = getattr(unet.config, "num_class_embeds", None) is not None
+    if class_labels is not None:
+        if not conditional:
+            raise ValueError("class_labels were given but the U-Net is unconditional; pass class_labels=None")
+        labels = torch.as_tensor(class_labels).long().reshape(-1)
+        if labels.numel() != num_images:
+            raise ValueError(f"got {labels.numel()} class labels for {num_images} images; pass one per image")
+        return labels
+    if not conditional:
+        return None
+    null_label = getattr(unet, "null_class_label", None)
+    if null_label is None:
+        raise ValueError("this class-conditional U-Net has no null class: pass class_labels, one per image")
+    return torch.full((num_images,), int(null_label), dtype=torch.long)
+
+
+def _terms(
+    unet: Any,
+    scheduler: Any,
+    original_sample: torch.Tensor,
+    timesteps: torch.Tensor,
+    class_labels: torch.Tensor | None,
+    generator: torch.Generator | None,
+    clip_denoised: bool,
+) -> torch.Tensor:
+    """L_t (bits/dim, one per image) at one timestep per image: draw ε, form x_t ~ q(x_t | x_0), call the model."""
+    noise = torch.randn(original_sample.shape, generator=generator, dtype=original_sample.dtype)
+    noise = noise.to(original_sample.device)
+    sample = scheduler.add_noise(original_sample, noise, timesteps)
+    kwargs = {} if class_labels is None else {"class_labels": class_labels}
+    model_output = unet(sample.to(unet.dtype), timesteps, **kwargs).sample.to(original_sample.dtype)
+    return scheduler.vlb_terms(model_output, original_sample, sample, timesteps, clip_denoised=clip_denoised)
+
+
+def _batches(num_images: int, batch_size: int) -> list[slice]:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return [slice(start, min(start + batch_size, num_images)) for start in range(0, num_images, batch_size)]
+
+
+def _summarise(prior: torch.Tensor, vb: torch.Tensor, decoder: torch.Tensor) -> BitsPerDim:
+    total = prior + vb + decoder
+    if not bool(torch.isfinite(total).all()):
+        raise FloatingPointError("the bound is not finite for some image: the model output holds NaN or inf")
+    count = total.numel()
+    stderr = float(total.std(unbiased=True) / math.sqrt(count)) if count > 1 else float("nan")
+    return BitsPerDim(
+        total=float(total.mean()),
+        prior=float(prior.mean()),
+        vb=float(vb.mean()),
+        decoder=float(decoder.mean()),
+        stderr=stderr,
+        num_images=count,
+        per_image=total,
+    )
+
+
+@torch.no_grad()
+def bits_per_dim(
+    unet: Any,
+    scheduler: Any,
+    images: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+    *,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+    clip_denoised: bool = True,
+    show_progress: bool = True,
+) -> BitsPerDim:
+    """The full variational bound of DDPM Eq. 5 in bits/dim, every timestep for every image.
+
+    Args:
+        unet: the noise-prediction network (``unet(x_t, t, class_labels=...).sample``), in eval mode.
+        scheduler: our ``DDPMScheduler`` with the configuration the model was trained with (its
+            ``variance_type`` says how the model's variance is read, e.g. ``learned_range``).
+        images: ``(N, C, H, W)``, 8-bit images mapped to [-1, 1], on the U-Net's device.
+        class_labels: one label per image for a class-conditional U-Net (the conditional likelihood
+            p(x | y)); ``None`` uses the null class (the unconditional likelihood) or an unconditional U-Net.
+        batch_size: images per model call.
+        generator: CPU generator for the noise ε of every q(x_t | x_0) draw (reproducible numbers).
+        clip_denoised: clip x̂_0 to [-1, 1] before the posterior mean, as improved-diffusion's ``calc_bpd_loop``.
+        show_progress: a progress bar over the timesteps.
+
+    Returns:
+        :class:`BitsPerDim` (total, prior, vb, decoder, standard error over images).
+    """
+    from tqdm.auto import tqdm
+
+    _check_images(images)
+    labels = _class_labels_for(unet, class_labels, images.shape[0])
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    prior = torch.cat([scheduler.prior_bpd(images[part]) for part in _batches(images.shape[0], batch_size)])
+    vb = torch.zeros(images.shape[0], dtype=torch.float64)
+    decoder = torch.zeros_like(vb)
+    for t in tqdm(range(num_train_timesteps - 1, -1, -1), desc="bits/dim", disable=not show_progress):
+        for part in _batches(images.shape[0], batch_size):
+            batch = images[part]
+            timesteps = torch.full((batch.shape[0],), t, dtype=torch.long, device=batch.device)
+            batch_labels = None if labels is None else labels[part].to(batch.device)
+            terms = _terms(unet, scheduler, batch, timesteps, batch_labels, generator, clip_denoised)
+            (decoder if t == 0 else vb)[part] += terms.double().cpu()
+    return _summarise(prior.double().cpu(), vb, decoder)
+
+
+def _stratified_timesteps(
+    num_train_timesteps: int, num_strata: int, num_images: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One timestep per image from each of ``num_strata`` near-equal strata of {0, …, T-1}: ``(K, N)``
+    timesteps and the ``(K,)`` stratum sizes (the weights that make the sum unbiased)."""
+    edges = torch.linspace(0, num_train_timesteps, num_strata + 1).round().long()
+    sizes = edges[1:] - edges[:-1]
+    offsets = (torch.rand(num_strata, num_images, generator=generator) * sizes[:, None]).long()
+    offsets = torch.minimum(offsets, sizes[:, None] - 1)
+    return edges[:-1, None] + offsets, sizes
+
+
+@torch.no_grad()
+def bits_per_dim_estimate(
+    unet: Any,
+    scheduler: Any,
+    images: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+    *,
+    num_timesteps: int = 10,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+    clip_denoised: bool = True,
+) -> BitsPerDim:
+    """An unbiased estimate of :func:`bits_per_dim` from ``num_timesteps`` (K) stratified timesteps per image.
+
+    {0, …, T-1} is cut into K near-equal strata; each image gets one uniform timestep t_k in each, and its
+    estimate is ``L_T + Σ_k |stratum_k| · L_{t_k}`` (decoder and KL parts likewise), whose expectation over
+    the timesteps is the full bound. K model calls per image instead of T. Arguments as :func:`bits_per_dim`.
+    """
+    _check_images(images)
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    if not isinstance(num_timesteps, int) or not 1 <= num_timesteps <= num_train_timesteps:
+        raise ValueError(
+            f"num_timesteps must be an integer in [1, {num_train_timesteps}] (num_train_timesteps), got "
+            f"{num_timesteps!r}"
+        )
+    labels = _class_labels_for(unet, class_labels, images.shape[0])
+    timesteps, sizes = _stratified_timesteps(num_train_timesteps, num_timesteps, images.shape[0], generator)
+    prior = torch.cat([scheduler.prior_bpd(images[part]) for part in _batches(images.shape[0], batch_size)])
+    vb = torch.zeros(images.shape[0], dtype=torch.float64)
+    decoder = torch.zeros_like(vb)
+    for stratum in range(num_timesteps):
+        for part in _batches(images.shape[0], batch_size):
+            batch = images[part]
+            batch_timesteps = timesteps[stratum, part].to(batch.device)
+            batch_labels = None if labels is None else labels[part].to(batch.device)
+            terms = _terms(unet, scheduler, batch, batch_timesteps, batch_labels, generator, clip_denoised)
+            weighted = terms.double().cpu() * float(sizes[stratum])
+            is_decoder = timesteps[stratum, part] == 0
+            decoder[part] += torch.where(is_decoder, weighted, 0.0)
+            vb[part] += torch.where(is_decoder, 0.0, weighted)
+    return _summarise(prior.double().cpu(), vb, decoder)
