@@ -31,6 +31,7 @@ likewise), so no Fréchet maths is written here and nothing is downloaded.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -313,3 +314,131 @@ def digits_kid(
             metric.update(images[part], real=real)
     mean, std = metric.compute()
     return float(mean), float(std)
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+EVALUATION_METRICS: tuple[str, ...] = ("bpd", "fd", "kid", "accuracy")
+"""What :func:`evaluate` measures: bits/dim on the reference data; the digits FD and KID of samples against
+it; ``accuracy``, the share of class-conditional samples that the digits classifier assigns to their class."""
+
+
+def _mean_and_stderr(values: list[float]) -> tuple[float, float | None]:
+    count = len(values)
+    mean = sum(values) / count
+    if count < 2:
+        return mean, None
+    variance = sum((value - mean) ** 2 for value in values) / (count - 1)
+    return mean, math.sqrt(variance / count)
+
+
+def reference_digits(split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """The embedded digits of ``split`` (default: the held-out test split) as (images in [-1, 1], labels)."""
+    from .data import digits_split_indices, digits_tensor
+
+    images, labels = digits_tensor(8)
+    indices = digits_split_indices(split)
+    return images[indices], labels[indices]
+
+
+def _sample_quality(
+    samples: torch.Tensor,
+    requested: torch.Tensor | None,
+    reference: torch.Tensor,
+    metrics: tuple[str, ...],
+) -> dict[str, float]:
+    """The sample metrics of one run: ``samples`` uint8 (N, 1, 8, 8), ``requested`` their class labels."""
+    from .digits_classifier import accuracy, load_digits_classifier
+
+    images = samples.float() / 127.5 - 1.0
+    numbers: dict[str, float] = {}
+    if "fd" in metrics:
+        numbers["fd"] = digits_fd(images, reference)
+    if "kid" in metrics:
+        numbers["kid"], _ = digits_kid(images, reference)
+    if "accuracy" in metrics and requested is not None:
+        numbers["accuracy"] = accuracy(load_digits_classifier(), images, requested)
+    return numbers
+
+
+def evaluate_samplers(
+    pipeline: Any,
+    reference: torch.Tensor,
+    *,
+    metrics: Sequence[str] = ("fd",),
+    num_samples: int = 500,
+    steps: Sequence[int | str] = (1000,),
+    schedulers: Sequence[str] = ("ddpm",),
+    labelled: bool = True,
+    guidance_scale: float = 1.0,
+    seeds: int = 1,
+    batch_size: int = 250,
+    show_progress: bool = True,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Sample quality for every sampler × number of steps, over ``seeds`` seeds (mean and standard error).
+
+    ``reference`` is the real data to compare with (digits in [-1, 1]). A class-conditional model is sampled
+    with balanced labels (image i gets class i mod K) unless ``labelled=False`` (the null class). Returns
+    ``{spec: {steps: {"fd": mean, "fd_stderr": ..., "fd_per_seed": [...], ...}}}``.
+    """
+    from .sampling import SchedulerSpec, sample_batches
+
+    metrics = tuple(metrics)
+    specs = [SchedulerSpec.parse(text) for text in schedulers]  # bad specs fail before any sampling
+    saved_scheduler = pipeline.scheduler
+    conditional = getattr(pipeline.unet.config, "num_class_embeds", None) is not None
+    num_classes = pipeline.unet.config.num_class_embeds if conditional else None
+    labels = None
+    if conditional and labelled:
+        labels = torch.arange(num_samples) % num_classes
+    for spec in specs:  # every sampler takes every step count: checked before any sampling
+        for step_count in steps:
+            if isinstance(step_count, str) and spec.name != "ddpm":
+                raise ValueError(
+                    f"steps {step_count!r} is a respacing string, which only 'ddpm' (our scheduler) takes; "
+                    f"{spec.name} needs an integer number of steps"
+                )
+            spec.build(saved_scheduler).set_timesteps(step_count)
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    try:
+        for spec in specs:
+            pipeline.scheduler = spec.build(saved_scheduler)
+            for step_count in steps:
+                per_seed: dict[str, list[float]] = {}
+                for seed in range(seeds):
+                    batches = sample_batches(
+                        pipeline,
+                        range(num_samples),
+                        seed=seed,
+                        num_inference_steps=step_count,
+                        batch_size=batch_size,
+                        class_label_of=None if labels is None else (lambda index: int(labels[index])),
+                        guidance_scale=guidance_scale,
+                        show_progress=show_progress,
+                    )
+                    samples = torch.cat([images for _, images in batches])
+                    for name, value in _sample_quality(samples, labels, reference, metrics).items():
+                        per_seed.setdefault(name, []).append(value)
+                summary: dict[str, Any] = {}
+                for name, values in per_seed.items():
+                    summary[name], summary[f"{name}_stderr"] = _mean_and_stderr(values)
+                    summary[f"{name}_per_seed"] = values
+                results.setdefault(spec.text, {})[str(step_count)] = summary
+    finally:
+        pipeline.scheduler = saved_scheduler
+    return results
+
+
+def reference_numbers(reference: torch.Tensor, num_samples: int, seed: int = 0) -> dict[str, float]:
+    """What the digits FD means at this sample size: real vs real (``num_samples`` training digits against
+    ``reference``) and noise vs real (Gaussian noise clipped to [-1, 1])."""
+    from .data import digits_split_indices, digits_tensor
+
+    images, _ = digits_tensor(8)
+    train = digits_split_indices("train")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = train[torch.randperm(train.numel(), generator=generator)[: min(num_samples, train.numel())]]
+    noise = torch.randn(num_samples, 1, 8, 8, generator=generator).clamp(-1, 1)
+    return {
+        "real_vs_real_fd": digits_fd(images[chosen], reference),
+        "noise_vs_real_fd": digits_fd(noise, reference),
+    }
