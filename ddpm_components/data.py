@@ -114,13 +114,18 @@ class DigitsDataset(Dataset):
     Args:
         resolution: image size; 8 is native, other sizes are resized once (see :func:`digits_tensor`).
         random_flip: flip horizontally with probability 1/2 (off by default: flipped digits are not digits).
+        split: ``"train"`` (default: the held-out test split stays out of training, for evaluation),
+            ``"test"`` or ``"all"`` (see :func:`digits_split_indices`).
     """
 
     class_names: tuple[str, ...] = tuple(str(digit) for digit in range(DIGITS_NUM_CLASSES))
     num_channels = 1
 
-    def __init__(self, resolution: int = 8, random_flip: bool = False) -> None:
-        self.images, self.labels = digits_tensor(resolution)
+    def __init__(self, resolution: int = 8, random_flip: bool = False, split: DigitsSplit = "train") -> None:
+        images, labels = digits_tensor(resolution)
+        indices = digits_split_indices(split)
+        self.images, self.labels = images[indices], labels[indices]
+        self.split = split
         self.resolution = resolution
         self.random_flip = random_flip
 
