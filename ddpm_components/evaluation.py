@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -442,3 +443,209 @@ def reference_numbers(reference: torch.Tensor, num_samples: int, seed: int = 0) 
         "real_vs_real_fd": digits_fd(images[chosen], reference),
         "noise_vs_real_fd": digits_fd(noise, reference),
     }
+
+
+# ----------------------------------------------------------------------------------------------- reports
+def format_report(report: dict[str, Any]) -> str:
+    """The evaluation as text: bits/dim, the reference numbers, and one row per sampler and step count."""
+    lines = [f"model: {report.get('model', '?')}"]
+    bpd = report.get("bpd")
+    if bpd:
+        how = (
+            "full chain"
+            if not bpd.get("num_timesteps")
+            else f"estimate from {bpd['num_timesteps']} timesteps"
+        )
+        lines.append(
+            f"bits/dim ({bpd['num_images']} images, {how}): {bpd['total']:.4f} ± {bpd['stderr']:.4f} "
+            f"(prior {bpd['prior']:.4f}, vb {bpd['vb']:.4f}, decoder {bpd['decoder']:.4f})"
+        )
+    reference = report.get("reference")
+    if reference:
+        lines.append(
+            f"digits FD at this sample size: real vs real {reference['real_vs_real_fd']:.2f}, "
+            f"noise vs real {reference['noise_vs_real_fd']:.1f}"
+        )
+    samplers = report.get("samplers") or {}
+    names = sorted(
+        {
+            name
+            for by_steps in samplers.values()
+            for row in by_steps.values()
+            for name in row
+            if not name.endswith(("_stderr", "_per_seed"))
+        }
+    )
+    if samplers:
+        width = max(len(spec) for spec in samplers) + 2
+        lines.append("sampler".ljust(width) + "steps".rjust(8) + "".join(name.rjust(20) for name in names))
+        for spec, by_steps in samplers.items():
+            for steps, row in by_steps.items():
+                cells = []
+                for name in names:
+                    value, stderr = row.get(name), row.get(f"{name}_stderr")
+                    text = (
+                        ""
+                        if value is None
+                        else f"{value:.4g}" + ("" if stderr is None else f" ± {stderr:.2g}")
+                    )
+                    cells.append(text.rjust(20))
+                lines.append(spec.ljust(width) + str(steps).rjust(8) + "".join(cells))
+    return "\n".join(lines)
+
+
+def plot_quality(report: dict[str, Any], path: str | Path, metric: str = "fd") -> None:
+    """A PNG of ``metric`` against network evaluations (one line per sampler), written atomically."""
+    import io
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError as error:
+        raise ImportError("plots need matplotlib: pip install 'ddpm-components[plots]'") from error
+    from .data import atomic_write_bytes
+
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    for spec, by_steps in (report.get("samplers") or {}).items():
+        points = sorted(
+            (_network_evaluations(steps), row[metric], row.get(f"{metric}_stderr") or 0.0)
+            for steps, row in by_steps.items()
+            if metric in row
+        )
+        if points:
+            x, y, error = zip(*points)
+            axes.errorbar(x, y, yerr=error, marker="o", capsize=3, label=spec)
+    axes.set_xscale("log")
+    axes.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes.set_xlabel("network evaluations (sampling steps)")
+    axes.set_ylabel({"fd": "digits FD (lower is better)"}.get(metric, metric))
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _network_evaluations(steps: str) -> int:
+    """How many U-Net calls a step setting costs: the integer, or the timesteps a respacing string keeps."""
+    if steps.isdigit():
+        return int(steps)
+    if steps.startswith("ddim") and steps[4:].isdigit():
+        return int(steps[4:])
+    return sum(int(part) for part in steps.split(","))
+
+
+def reference_images(pipeline: Any, data: str | Path | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The real images to evaluate against, ``(N, C, H, W)`` in [-1, 1] with labels (or ``None``).
+
+    ``data=None`` means the embedded digits' held-out test split, which only fits a digits-shaped model (8×8,
+    one channel); otherwise a folder of images as training reads them (sub-folders are classes), brought to the
+    model's size and channels.
+    """
+    config = pipeline.unet.config
+    if data is None:
+        if (config.sample_size, config.in_channels) != (8, 1):
+            raise ValueError(
+                f"this model makes {config.in_channels}-channel {config.sample_size}px images, not 8x8 digits: pass "
+                "--data FOLDER with images like its training data"
+            )
+        return reference_digits("test")
+    from .data import ImageFolderDataset
+
+    dataset = ImageFolderDataset(
+        data, resolution=config.sample_size, color_mode="grayscale" if config.in_channels == 1 else "rgb"
+    )
+    items = [dataset[index] for index in range(len(dataset))]
+    images = torch.stack([item["pixel_values"] for item in items])
+    labels = torch.stack([item["class_labels"] for item in items]) if dataset.labels is not None else None
+    return images, labels
+
+
+def run_evaluation(
+    pipeline: Any,
+    *,
+    model_name: str,
+    metrics: Sequence[str] = ("bpd", "fd"),
+    data: str | Path | None = None,
+    num_samples: int = 500,
+    steps: Sequence[int | str] = (1000,),
+    schedulers: Sequence[str] = ("ddpm",),
+    labelled: bool = True,
+    guidance_scale: float = 1.0,
+    seeds: int = 1,
+    batch_size: int = 250,
+    bpd_timesteps: int | None = None,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Everything ``ddpm-components evaluate`` measures, as the JSON-ready report.
+
+    ``bpd_timesteps=None`` runs the full chain; an integer K uses the stratified estimate from K timesteps.
+    Sample metrics (``fd``, ``kid``, ``accuracy``) are measured for every scheduler spec × step count.
+    """
+    unknown = sorted(set(metrics) - set(EVALUATION_METRICS))
+    if unknown:
+        raise ValueError(
+            f"unknown metric(s) {unknown}; choose from {', '.join(EVALUATION_METRICS)} (FID with Inception weights "
+            "is not available yet)"
+        )
+    reference, reference_labels = reference_images(pipeline, data)
+    sample_metrics = tuple(name for name in metrics if name != "bpd")
+    if sample_metrics and tuple(reference.shape[1:]) != (1, 8, 8):
+        raise ValueError("fd, kid and accuracy use the digits classifier: they need 8x8 greyscale data")
+    report: dict[str, Any] = {
+        "model": model_name,
+        "num_samples": num_samples,
+        "guidance_scale": guidance_scale,
+    }
+    if "bpd" in metrics:
+        unet, scheduler = pipeline.unet, pipeline.scheduler
+        labels = reference_labels if (labelled and getattr(unet.config, "num_class_embeds", None)) else None
+        device = next(unet.parameters()).device
+        generator = torch.Generator().manual_seed(seed)
+        if bpd_timesteps is None:
+            result = bits_per_dim(
+                unet,
+                scheduler,
+                reference.to(device),
+                labels,
+                batch_size=batch_size,
+                generator=generator,
+                show_progress=show_progress,
+            )
+        else:
+            result = bits_per_dim_estimate(
+                unet,
+                scheduler,
+                reference.to(device),
+                labels,
+                num_timesteps=bpd_timesteps,
+                batch_size=batch_size,
+                generator=generator,
+            )
+        report["bpd"] = {
+            **result.to_dict(),
+            "num_timesteps": bpd_timesteps,
+            "conditional": labels is not None,
+        }
+    if sample_metrics:
+        report["reference"] = reference_numbers(reference, num_samples, seed=seed)
+        report["samplers"] = evaluate_samplers(
+            pipeline,
+            reference,
+            metrics=sample_metrics,
+            num_samples=num_samples,
+            steps=steps,
+            schedulers=schedulers,
+            labelled=labelled,
+            guidance_scale=guidance_scale,
+            seeds=seeds,
+            batch_size=batch_size,
+            show_progress=show_progress,
+        )
+    return report
