@@ -361,6 +361,22 @@ def _sample_quality(
     return numbers
 
 
+def check_samplers(pipeline: Any, schedulers: Sequence[str], steps: Sequence[int | str]) -> list[Any]:
+    """Parse the scheduler specs and check that each takes each step count, before any work; return the specs."""
+    from .sampling import SchedulerSpec
+
+    specs = [SchedulerSpec.parse(text) for text in schedulers]
+    for spec in specs:
+        for step_count in steps:
+            if isinstance(step_count, str) and spec.name != "ddpm":
+                raise ValueError(
+                    f"steps {step_count!r} is a respacing string, which only 'ddpm' (our scheduler) takes; "
+                    f"{spec.name} needs an integer number of steps"
+                )
+            spec.build(pipeline.scheduler).set_timesteps(step_count)
+    return specs
+
+
 def evaluate_samplers(
     pipeline: Any,
     reference: torch.Tensor,
@@ -381,24 +397,16 @@ def evaluate_samplers(
     with balanced labels (image i gets class i mod K) unless ``labelled=False`` (the null class). Returns
     ``{spec: {steps: {"fd": mean, "fd_stderr": ..., "fd_per_seed": [...], ...}}}``.
     """
-    from .sampling import SchedulerSpec, sample_batches
+    from .sampling import sample_batches
 
     metrics = tuple(metrics)
-    specs = [SchedulerSpec.parse(text) for text in schedulers]  # bad specs fail before any sampling
+    specs = check_samplers(pipeline, schedulers, steps)
     saved_scheduler = pipeline.scheduler
     conditional = getattr(pipeline.unet.config, "num_class_embeds", None) is not None
     num_classes = pipeline.unet.config.num_class_embeds if conditional else None
     labels = None
     if conditional and labelled:
         labels = torch.arange(num_samples) % num_classes
-    for spec in specs:  # every sampler takes every step count: checked before any sampling
-        for step_count in steps:
-            if isinstance(step_count, str) and spec.name != "ddpm":
-                raise ValueError(
-                    f"steps {step_count!r} is a respacing string, which only 'ddpm' (our scheduler) takes; "
-                    f"{spec.name} needs an integer number of steps"
-                )
-            spec.build(saved_scheduler).set_timesteps(step_count)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     try:
         for spec in specs:
@@ -596,8 +604,10 @@ def run_evaluation(
         )
     reference, reference_labels = reference_images(pipeline, data)
     sample_metrics = tuple(name for name in metrics if name != "bpd")
-    if sample_metrics and tuple(reference.shape[1:]) != (1, 8, 8):
-        raise ValueError("fd, kid and accuracy use the digits classifier: they need 8x8 greyscale data")
+    if sample_metrics:
+        if tuple(reference.shape[1:]) != (1, 8, 8):
+            raise ValueError("fd, kid and accuracy use the digits classifier: they need 8x8 greyscale data")
+        check_samplers(pipeline, schedulers, steps)
     report: dict[str, Any] = {
         "model": model_name,
         "num_samples": num_samples,
