@@ -60,6 +60,36 @@ def digits_tensor(resolution: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.from_numpy(labels)
 
 
+DigitsSplit = Literal["train", "test", "all"]
+DIGITS_SPLITS: tuple[str, ...] = get_args(DigitsSplit)
+#: the share of each digit held out for evaluation (the test split), and the seed that fixes which images
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 200611239  # arXiv 2006.11239, the DDPM paper: the split never changes
+
+
+def digits_split_indices(split: DigitsSplit) -> torch.Tensor:
+    """Sorted indices into :func:`digits_tensor` of a fixed, seeded, class-stratified split of the digits:
+    ``"test"`` holds round(20%) of the images of each digit (359 images), ``"train"`` the rest (1,438),
+    ``"all"`` every image. The same on every machine and in every version (a seeded ``torch.randperm``)."""
+    if split not in DIGITS_SPLITS:
+        raise ValueError(
+            f"split={split!r} is not supported; choose one of {', '.join(map(repr, DIGITS_SPLITS))}."
+        )
+    _, labels = load_digits_arrays()
+    labels = torch.from_numpy(labels)
+    if split == "all":
+        return torch.arange(labels.numel())
+    generator = torch.Generator().manual_seed(DIGITS_SPLIT_SEED)
+    test = []
+    for digit in range(DIGITS_NUM_CLASSES):
+        members = torch.nonzero(labels == digit).flatten()
+        chosen = members[torch.randperm(members.numel(), generator=generator)]
+        test.append(chosen[: round(DIGITS_TEST_FRACTION * members.numel())])
+    in_test = torch.zeros(labels.numel(), dtype=torch.bool)
+    in_test[torch.cat(test)] = True
+    return torch.nonzero(in_test if split == "test" else ~in_test).flatten()
+
+
 def to_uint8_images(x: torch.Tensor) -> np.ndarray:
     """Map a batch in [-1, 1] of shape ``(N, C, H, W)`` to uint8 ``(N, H, W, C)``."""
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -86,13 +116,18 @@ class DigitsDataset(Dataset):
     Args:
         resolution: image size; 8 is native, other sizes are resized once (see :func:`digits_tensor`).
         random_flip: flip horizontally with probability 1/2 (off by default: flipped digits are not digits).
+        split: ``"train"`` (default: the held-out test split stays out of training, for evaluation),
+            ``"test"`` or ``"all"`` (see :func:`digits_split_indices`).
     """
 
     class_names: tuple[str, ...] = tuple(str(digit) for digit in range(DIGITS_NUM_CLASSES))
     num_channels = 1
 
-    def __init__(self, resolution: int = 8, random_flip: bool = False) -> None:
-        self.images, self.labels = digits_tensor(resolution)
+    def __init__(self, resolution: int = 8, random_flip: bool = False, split: DigitsSplit = "train") -> None:
+        images, labels = digits_tensor(resolution)
+        indices = digits_split_indices(split)
+        self.images, self.labels = images[indices], labels[indices]
+        self.split = split
         self.resolution = resolution
         self.random_flip = random_flip
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_components.data import DigitsDataset, ImageFolderDataset, digits_tensor
+from ddpm_components.data import DigitsDataset, ImageFolderDataset, digits_split_indices, digits_tensor
 
 
 def _write(path: Path, array: np.ndarray, format: str | None = None) -> Path:
@@ -28,11 +28,14 @@ def _solid(value: int, size: tuple[int, int] = (12, 12), channels: int = 3) -> n
 def test_digits_dataset_items_match_digits_tensor():
     dataset = DigitsDataset(resolution=8)
     images, labels = digits_tensor(8)
-    assert len(dataset) == 1797 and dataset.num_classes == 10 and dataset.num_channels == 1
+    train = digits_split_indices("train")
+    # training leaves the held-out test split out
+    assert len(dataset) == len(train) == 1438 and dataset.num_classes == 10 and dataset.num_channels == 1
+    assert len(DigitsDataset(split="all")) == 1797 and len(DigitsDataset(split="test")) == 359
     item = dataset[5]
     assert item["pixel_values"].shape == (1, 8, 8)
-    torch.testing.assert_close(item["pixel_values"], images[5], rtol=0, atol=0)
-    assert int(item["class_labels"]) == int(labels[5]) and item["index"] == 5
+    torch.testing.assert_close(item["pixel_values"], images[train[5]], rtol=0, atol=0)
+    assert int(item["class_labels"]) == int(labels[train[5]]) and item["index"] == 5
     assert float(images.min()) >= -1.0 and float(images.max()) <= 1.0
     assert DigitsDataset(resolution=16)[0]["pixel_values"].shape == (1, 16, 16)
 

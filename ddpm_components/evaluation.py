@@ -1,0 +1,661 @@
+"""How good is a trained DDPM: its negative log-likelihood bound in bits per dimension.
+
+The bound is DDPM's Eq. 5 (Ho et al. 2020, arXiv 2006.11239) with the discretized Gaussian decoder of §3.3:
+
+    -log p(x_0) <= L_T + Σ_{t=2}^{T} L_{t-1} + L_0,
+    L_T = KL(q(x_T | x_0) || N(0, I)),  L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_θ(x_{t-1} | x_t)),
+    L_0 = -log p_θ(x_0 | x_1),
+
+divided by the number of dimensions and by log 2. The terms come from the scheduler's likelihood API
+(:meth:`~ddpm_components.scheduling_ddpm.DDPMScheduler.vlb_terms` and ``prior_bpd``), so every prediction
+type and variance type of the scheduler (learned variance included) is covered; timesteps are 0-based, as in
+diffusers (the paper's t = 1 is our t = 0).
+
+- :func:`bits_per_dim` runs the whole chain, every one of the T timesteps for every image, like
+  improved-diffusion's ``calc_bpd_loop``: the number to report.
+- :func:`bits_per_dim_estimate` draws K timesteps per image, one uniformly from each of K equal strata of
+  {0, …, T-1}, and returns ``L_T + Σ_k |stratum_k| · L_{t_k}``: an unbiased estimate of the same bound (its
+  expectation over the timesteps is the full sum) at K/T of the cost, for use during training. Its variance
+  over the draw of timesteps is ``Σ_k |stratum_k|² · Var_{t ∈ stratum_k}[L_t]`` per image (stratification
+  removes the variance between strata); the standard error it reports is taken over images and so includes it.
+
+Data must be 8-bit images mapped to [-1, 1] (the decoder's bins are 2/255 wide); other values raise
+``ValueError``.
+
+Sample quality on the embedded digits is the **digits FD**: the Fréchet distance between the penultimate features
+of :class:`~ddpm_components.digits_classifier.DigitsClassifier` (shipped weights) of generated and real images,
+computed by torchmetrics' ``FrechetInceptionDistance`` with that network as its feature extractor (and KID
+likewise), so no Fréchet maths is written here and nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["BitsPerDim", "bits_per_dim", "bits_per_dim_estimate", "digits_fd", "digits_kid"]
+
+_GRID_TOLERANCE = 1e-3  # how far (in 8-bit levels) a value may lie from the 256-level grid
+
+
+@dataclass
+class BitsPerDim:
+    """A likelihood bound in bits per dimension, averaged over images, with its parts.
+
+    Attributes:
+        total: the bound L_T + Σ L_{t-1} + L_0 (mean over images).
+        prior: L_T, the prior term.
+        vb: Σ_{t=2}^{T} L_{t-1}, the KL terms of the chain (the decoder excluded).
+        decoder: L_0, the discretized Gaussian decoder's negative log-likelihood.
+        stderr: the standard error of ``total`` over images.
+        num_images: how many images the mean is over.
+        per_image: ``total`` of each image (a 1-d tensor).
+    """
+
+    total: float
+    prior: float
+    vb: float
+    decoder: float
+    stderr: float
+    num_images: int
+    per_image: torch.Tensor = field(repr=False)
+
+    def to_dict(self) -> dict[str, float | int]:
+        """The numbers, without the per-image tensor (what the evaluation JSON holds)."""
+        values = asdict(self)
+        values.pop("per_image")
+        return values
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
+        raise ValueError("images must be a float tensor (N, C, H, W) of 8-bit values mapped to [-1, 1]")
+    if images.shape[0] == 0:
+        raise ValueError("images is empty; pass at least one image")
+    levels = (images.double() + 1.0) * 127.5
+    off_grid = (levels - levels.round()).abs().max().item()
+    if (
+        not math.isfinite(off_grid)
+        or off_grid > _GRID_TOLERANCE
+        or levels.min() < -0.5
+        or levels.max() > 255.5
+    ):
+        raise ValueError(
+            "images must be 8-bit images mapped to [-1, 1] (x = level / 127.5 - 1, level in 0..255), as the "
+            "discretized decoder L_0 needs; these hold other values"
+        )
+
+
+def _class_labels_for(unet: Any, class_labels: torch.Tensor | None, num_images: int) -> torch.Tensor | None:
+    """Labels to condition on: the given ones, else the null class of a class-conditional U-Net."""
+    conditional = getattr(unet.config, "num_class_embeds", None) is not None
+    if class_labels is not None:
+        if not conditional:
+            raise ValueError("class_labels were given but the U-Net is unconditional; pass class_labels=None")
+        labels = torch.as_tensor(class_labels).long().reshape(-1)
+        if labels.numel() != num_images:
+            raise ValueError(f"got {labels.numel()} class labels for {num_images} images; pass one per image")
+        return labels
+    if not conditional:
+        return None
+    null_label = getattr(unet, "null_class_label", None)
+    if null_label is None:
+        raise ValueError("this class-conditional U-Net has no null class: pass class_labels, one per image")
+    return torch.full((num_images,), int(null_label), dtype=torch.long)
+
+
+def _terms(
+    unet: Any,
+    scheduler: Any,
+    original_sample: torch.Tensor,
+    timesteps: torch.Tensor,
+    class_labels: torch.Tensor | None,
+    generator: torch.Generator | None,
+    clip_denoised: bool,
+) -> torch.Tensor:
+    """L_t (bits/dim, one per image) at one timestep per image: draw ε, form x_t ~ q(x_t | x_0), call the model."""
+    noise = torch.randn(original_sample.shape, generator=generator, dtype=original_sample.dtype)
+    noise = noise.to(original_sample.device)
+    sample = scheduler.add_noise(original_sample, noise, timesteps)
+    kwargs = {} if class_labels is None else {"class_labels": class_labels}
+    model_output = unet(sample.to(unet.dtype), timesteps, **kwargs).sample.to(original_sample.dtype)
+    return scheduler.vlb_terms(model_output, original_sample, sample, timesteps, clip_denoised=clip_denoised)
+
+
+def _batches(num_images: int, batch_size: int) -> list[slice]:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return [slice(start, min(start + batch_size, num_images)) for start in range(0, num_images, batch_size)]
+
+
+def _summarise(prior: torch.Tensor, vb: torch.Tensor, decoder: torch.Tensor) -> BitsPerDim:
+    total = prior + vb + decoder
+    if not bool(torch.isfinite(total).all()):
+        raise FloatingPointError("the bound is not finite for some image: the model output holds NaN or inf")
+    count = total.numel()
+    stderr = float(total.std(unbiased=True) / math.sqrt(count)) if count > 1 else float("nan")
+    return BitsPerDim(
+        total=float(total.mean()),
+        prior=float(prior.mean()),
+        vb=float(vb.mean()),
+        decoder=float(decoder.mean()),
+        stderr=stderr,
+        num_images=count,
+        per_image=total,
+    )
+
+
+@torch.no_grad()
+def bits_per_dim(
+    unet: Any,
+    scheduler: Any,
+    images: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+    *,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+    clip_denoised: bool = True,
+    show_progress: bool = True,
+) -> BitsPerDim:
+    """The full variational bound of DDPM Eq. 5 in bits/dim, every timestep for every image.
+
+    Args:
+        unet: the noise-prediction network (``unet(x_t, t, class_labels=...).sample``), in eval mode.
+        scheduler: our ``DDPMScheduler`` with the configuration the model was trained with (its
+            ``variance_type`` says how the model's variance is read, e.g. ``learned_range``).
+        images: ``(N, C, H, W)``, 8-bit images mapped to [-1, 1], on the U-Net's device.
+        class_labels: one label per image for a class-conditional U-Net (the conditional likelihood
+            p(x | y)); ``None`` uses the null class (the unconditional likelihood) or an unconditional U-Net.
+        batch_size: images per model call.
+        generator: CPU generator for the noise ε of every q(x_t | x_0) draw (reproducible numbers).
+        clip_denoised: clip x̂_0 to [-1, 1] before the posterior mean, as improved-diffusion's ``calc_bpd_loop``.
+        show_progress: a progress bar over the timesteps.
+
+    Returns:
+        :class:`BitsPerDim` (total, prior, vb, decoder, standard error over images).
+    """
+    from tqdm.auto import tqdm
+
+    _check_images(images)
+    labels = _class_labels_for(unet, class_labels, images.shape[0])
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    prior = torch.cat([scheduler.prior_bpd(images[part]) for part in _batches(images.shape[0], batch_size)])
+    vb = torch.zeros(images.shape[0], dtype=torch.float64)
+    decoder = torch.zeros_like(vb)
+    for t in tqdm(range(num_train_timesteps - 1, -1, -1), desc="bits/dim", disable=not show_progress):
+        for part in _batches(images.shape[0], batch_size):
+            batch = images[part]
+            timesteps = torch.full((batch.shape[0],), t, dtype=torch.long, device=batch.device)
+            batch_labels = None if labels is None else labels[part].to(batch.device)
+            terms = _terms(unet, scheduler, batch, timesteps, batch_labels, generator, clip_denoised)
+            (decoder if t == 0 else vb)[part] += terms.double().cpu()
+    return _summarise(prior.double().cpu(), vb, decoder)
+
+
+def _stratified_timesteps(
+    num_train_timesteps: int, num_strata: int, num_images: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One timestep per image from each of ``num_strata`` near-equal strata of {0, …, T-1}: ``(K, N)``
+    timesteps and the ``(K,)`` stratum sizes (the weights that make the sum unbiased)."""
+    edges = torch.linspace(0, num_train_timesteps, num_strata + 1).round().long()
+    sizes = edges[1:] - edges[:-1]
+    offsets = (torch.rand(num_strata, num_images, generator=generator) * sizes[:, None]).long()
+    offsets = torch.minimum(offsets, sizes[:, None] - 1)
+    return edges[:-1, None] + offsets, sizes
+
+
+@torch.no_grad()
+def bits_per_dim_estimate(
+    unet: Any,
+    scheduler: Any,
+    images: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+    *,
+    num_timesteps: int = 10,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+    clip_denoised: bool = True,
+) -> BitsPerDim:
+    """An unbiased estimate of :func:`bits_per_dim` from ``num_timesteps`` (K) stratified timesteps per image.
+
+    {0, …, T-1} is cut into K near-equal strata; each image gets one uniform timestep t_k in each, and its
+    estimate is ``L_T + Σ_k |stratum_k| · L_{t_k}`` (decoder and KL parts likewise), whose expectation over
+    the timesteps is the full bound. K model calls per image instead of T. Arguments as :func:`bits_per_dim`.
+    """
+    _check_images(images)
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    if not isinstance(num_timesteps, int) or not 1 <= num_timesteps <= num_train_timesteps:
+        raise ValueError(
+            f"num_timesteps must be an integer in [1, {num_train_timesteps}] (num_train_timesteps), got "
+            f"{num_timesteps!r}"
+        )
+    labels = _class_labels_for(unet, class_labels, images.shape[0])
+    timesteps, sizes = _stratified_timesteps(num_train_timesteps, num_timesteps, images.shape[0], generator)
+    prior = torch.cat([scheduler.prior_bpd(images[part]) for part in _batches(images.shape[0], batch_size)])
+    vb = torch.zeros(images.shape[0], dtype=torch.float64)
+    decoder = torch.zeros_like(vb)
+    for stratum in range(num_timesteps):
+        for part in _batches(images.shape[0], batch_size):
+            batch = images[part]
+            batch_timesteps = timesteps[stratum, part].to(batch.device)
+            batch_labels = None if labels is None else labels[part].to(batch.device)
+            terms = _terms(unet, scheduler, batch, batch_timesteps, batch_labels, generator, clip_denoised)
+            weighted = terms.double().cpu() * float(sizes[stratum])
+            is_decoder = timesteps[stratum, part] == 0
+            decoder[part] += torch.where(is_decoder, weighted, 0.0)
+            vb[part] += torch.where(is_decoder, 0.0, weighted)
+    return _summarise(prior.double().cpu(), vb, decoder)
+
+
+# ------------------------------------------------------------------------------------------ sample quality
+class _DigitsFeatures(torch.nn.Module):
+    """The digits classifier's penultimate features, as torchmetrics' custom feature extractor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from .digits_classifier import NUM_FEATURES, load_digits_classifier
+
+        self.classifier = load_digits_classifier()
+        self.num_features = NUM_FEATURES
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(images.float())
+
+
+def _check_digit_images(images: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != (1, 8, 8):
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(
+            f"the digits FD compares 8x8 greyscale images, (N, 1, 8, 8) in [-1, 1]; {name} is {shape}: use FID "
+            "(Inception features) for other data"
+        )
+    if images.shape[0] < 2:
+        raise ValueError(f"{name} holds {images.shape[0]} image(s); a Fréchet distance needs at least 2")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(f"{name} holds NaN or infinite values")
+    return images.detach().float().cpu().clamp(-1.0, 1.0)
+
+
+@torch.no_grad()
+def digits_fd(generated: torch.Tensor, reference: torch.Tensor, batch_size: int = 500) -> float:
+    """The digits FD between two sets of 8×8 greyscale images in [-1, 1] (lower is better; 0 for equal sets)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    generated = _check_digit_images(generated, "generated")
+    reference = _check_digit_images(reference, "reference")
+    metric = FrechetInceptionDistance(feature=_DigitsFeatures(), input_img_size=(1, 8, 8))
+    for images, real in ((reference, True), (generated, False)):
+        for part in _batches(images.shape[0], batch_size):
+            metric.update(images[part], real=real)
+    return float(metric.compute())
+
+
+@torch.no_grad()
+def digits_kid(
+    generated: torch.Tensor, reference: torch.Tensor, subset_size: int | None = None, batch_size: int = 500
+) -> tuple[float, float]:
+    """Kernel distance (KID: mean and standard deviation over subsets) in the digits classifier's features."""
+    import warnings
+
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    generated = _check_digit_images(generated, "generated")
+    reference = _check_digit_images(reference, "reference")
+    subset_size = subset_size or min(generated.shape[0], reference.shape[0], 1000)
+    with warnings.catch_warnings():  # torchmetrics warns that KID keeps every feature: a few hundred here
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(feature=_DigitsFeatures(), subset_size=subset_size)
+    for images, real in ((reference, True), (generated, False)):
+        for part in _batches(images.shape[0], batch_size):
+            metric.update(images[part], real=real)
+    mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+EVALUATION_METRICS: tuple[str, ...] = ("bpd", "fd", "kid", "accuracy")
+"""What :func:`evaluate` measures: bits/dim on the reference data; the digits FD and KID of samples against
+it; ``accuracy``, the share of class-conditional samples that the digits classifier assigns to their class."""
+
+
+def _mean_and_stderr(values: list[float]) -> tuple[float, float | None]:
+    count = len(values)
+    mean = sum(values) / count
+    if count < 2:
+        return mean, None
+    variance = sum((value - mean) ** 2 for value in values) / (count - 1)
+    return mean, math.sqrt(variance / count)
+
+
+def reference_digits(split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """The embedded digits of ``split`` (default: the held-out test split) as (images in [-1, 1], labels)."""
+    from .data import digits_split_indices, digits_tensor
+
+    images, labels = digits_tensor(8)
+    indices = digits_split_indices(split)
+    return images[indices], labels[indices]
+
+
+def _sample_quality(
+    samples: torch.Tensor,
+    requested: torch.Tensor | None,
+    reference: torch.Tensor,
+    metrics: tuple[str, ...],
+) -> dict[str, float]:
+    """The sample metrics of one run: ``samples`` uint8 (N, 1, 8, 8), ``requested`` their class labels."""
+    from .digits_classifier import accuracy, load_digits_classifier
+
+    images = samples.float() / 127.5 - 1.0
+    numbers: dict[str, float] = {}
+    if "fd" in metrics:
+        numbers["fd"] = digits_fd(images, reference)
+    if "kid" in metrics:
+        numbers["kid"], _ = digits_kid(images, reference)
+    if "accuracy" in metrics and requested is not None:
+        numbers["accuracy"] = accuracy(load_digits_classifier(), images, requested)
+    return numbers
+
+
+def check_samplers(pipeline: Any, schedulers: Sequence[str], steps: Sequence[int | str]) -> list[Any]:
+    """Parse the scheduler specs and check that each takes each step count, before any work; return the specs."""
+    from .sampling import SchedulerSpec
+
+    specs = [SchedulerSpec.parse(text) for text in schedulers]
+    for spec in specs:
+        for step_count in steps:
+            if isinstance(step_count, str) and spec.name != "ddpm":
+                raise ValueError(
+                    f"steps {step_count!r} is a respacing string, which only 'ddpm' (our scheduler) takes; "
+                    f"{spec.name} needs an integer number of steps"
+                )
+            spec.build(pipeline.scheduler).set_timesteps(step_count)
+    return specs
+
+
+def evaluate_samplers(
+    pipeline: Any,
+    reference: torch.Tensor,
+    *,
+    metrics: Sequence[str] = ("fd",),
+    num_samples: int = 500,
+    steps: Sequence[int | str] = (1000,),
+    schedulers: Sequence[str] = ("ddpm",),
+    labelled: bool = True,
+    guidance_scale: float = 1.0,
+    seeds: int = 1,
+    batch_size: int = 250,
+    show_progress: bool = True,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Sample quality for every sampler × number of steps, over ``seeds`` seeds (mean and standard error).
+
+    ``reference`` is the real data to compare with (digits in [-1, 1]). A class-conditional model is sampled
+    with balanced labels (image i gets class i mod K) unless ``labelled=False`` (the null class). Returns
+    ``{spec: {steps: {"fd": mean, "fd_stderr": ..., "fd_per_seed": [...], ...}}}``.
+    """
+    from .sampling import sample_batches
+
+    metrics = tuple(metrics)
+    specs = check_samplers(pipeline, schedulers, steps)
+    saved_scheduler = pipeline.scheduler
+    conditional = getattr(pipeline.unet.config, "num_class_embeds", None) is not None
+    num_classes = pipeline.unet.config.num_class_embeds if conditional else None
+    labels = None
+    if conditional and labelled:
+        labels = torch.arange(num_samples) % num_classes
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    try:
+        for spec in specs:
+            pipeline.scheduler = spec.build(saved_scheduler)
+            for step_count in steps:
+                per_seed: dict[str, list[float]] = {}
+                for seed in range(seeds):
+                    batches = sample_batches(
+                        pipeline,
+                        range(num_samples),
+                        seed=seed,
+                        num_inference_steps=step_count,
+                        batch_size=batch_size,
+                        class_label_of=None if labels is None else (lambda index: int(labels[index])),
+                        guidance_scale=guidance_scale,
+                        show_progress=show_progress,
+                    )
+                    samples = torch.cat([images for _, images in batches])
+                    for name, value in _sample_quality(samples, labels, reference, metrics).items():
+                        per_seed.setdefault(name, []).append(value)
+                summary: dict[str, Any] = {}
+                for name, values in per_seed.items():
+                    summary[name], summary[f"{name}_stderr"] = _mean_and_stderr(values)
+                    summary[f"{name}_per_seed"] = values
+                results.setdefault(spec.text, {})[str(step_count)] = summary
+    finally:
+        pipeline.scheduler = saved_scheduler
+    return results
+
+
+def reference_numbers(reference: torch.Tensor, num_samples: int, seed: int = 0) -> dict[str, float]:
+    """What the digits FD means at this sample size: real vs real (``num_samples`` training digits against
+    ``reference``) and noise vs real (Gaussian noise clipped to [-1, 1])."""
+    from .data import digits_split_indices, digits_tensor
+
+    images, _ = digits_tensor(8)
+    train = digits_split_indices("train")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = train[torch.randperm(train.numel(), generator=generator)[: min(num_samples, train.numel())]]
+    noise = torch.randn(num_samples, 1, 8, 8, generator=generator).clamp(-1, 1)
+    return {
+        "real_vs_real_fd": digits_fd(images[chosen], reference),
+        "noise_vs_real_fd": digits_fd(noise, reference),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- reports
+def format_report(report: dict[str, Any]) -> str:
+    """The evaluation as text: bits/dim, the reference numbers, and one row per sampler and step count."""
+    lines = [f"model: {report.get('model', '?')}"]
+    bpd = report.get("bpd")
+    if bpd:
+        how = (
+            "full chain"
+            if not bpd.get("num_timesteps")
+            else f"estimate from {bpd['num_timesteps']} timesteps"
+        )
+        lines.append(
+            f"bits/dim ({bpd['num_images']} images, {how}): {bpd['total']:.4f} ± {bpd['stderr']:.4f} "
+            f"(prior {bpd['prior']:.4f}, vb {bpd['vb']:.4f}, decoder {bpd['decoder']:.4f})"
+        )
+    reference = report.get("reference")
+    if reference:
+        lines.append(
+            f"digits FD at this sample size: real vs real {reference['real_vs_real_fd']:.2f}, "
+            f"noise vs real {reference['noise_vs_real_fd']:.1f}"
+        )
+    samplers = report.get("samplers") or {}
+    names = sorted(
+        {
+            name
+            for by_steps in samplers.values()
+            for row in by_steps.values()
+            for name in row
+            if not name.endswith(("_stderr", "_per_seed"))
+        }
+    )
+    if samplers:
+        width = max(len(spec) for spec in samplers) + 2
+        lines.append("sampler".ljust(width) + "steps".rjust(8) + "".join(name.rjust(20) for name in names))
+        for spec, by_steps in samplers.items():
+            for steps, row in by_steps.items():
+                cells = []
+                for name in names:
+                    value, stderr = row.get(name), row.get(f"{name}_stderr")
+                    text = (
+                        ""
+                        if value is None
+                        else f"{value:.4g}" + ("" if stderr is None else f" ± {stderr:.2g}")
+                    )
+                    cells.append(text.rjust(20))
+                lines.append(spec.ljust(width) + str(steps).rjust(8) + "".join(cells))
+    return "\n".join(lines)
+
+
+def plot_quality(report: dict[str, Any], path: str | Path, metric: str = "fd") -> None:
+    """A PNG of ``metric`` against network evaluations (one line per sampler), written atomically."""
+    import io
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError as error:
+        raise ImportError("plots need matplotlib: pip install 'ddpm-components[plots]'") from error
+    from .data import atomic_write_bytes
+
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    for spec, by_steps in (report.get("samplers") or {}).items():
+        points = sorted(
+            (_network_evaluations(steps), row[metric], row.get(f"{metric}_stderr") or 0.0)
+            for steps, row in by_steps.items()
+            if metric in row
+        )
+        if points:
+            x, y, error = zip(*points)
+            axes.errorbar(x, y, yerr=error, marker="o", capsize=3, label=spec)
+    axes.set_xscale("log")
+    axes.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes.set_xlabel("network evaluations (sampling steps)")
+    axes.set_ylabel({"fd": "digits FD (lower is better)"}.get(metric, metric))
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _network_evaluations(steps: str) -> int:
+    """How many U-Net calls a step setting costs: the integer, or the timesteps a respacing string keeps."""
+    if steps.isdigit():
+        return int(steps)
+    if steps.startswith("ddim") and steps[4:].isdigit():
+        return int(steps[4:])
+    return sum(int(part) for part in steps.split(","))
+
+
+def reference_images(pipeline: Any, data: str | Path | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The real images to evaluate against, ``(N, C, H, W)`` in [-1, 1] with labels (or ``None``).
+
+    ``data=None`` means the embedded digits' held-out test split, which only fits a digits-shaped model (8×8,
+    one channel); otherwise a folder of images as training reads them (sub-folders are classes), brought to the
+    model's size and channels.
+    """
+    config = pipeline.unet.config
+    if data is None:
+        if (config.sample_size, config.in_channels) != (8, 1):
+            raise ValueError(
+                f"this model makes {config.in_channels}-channel {config.sample_size}px images, not 8x8 digits: pass "
+                "--data FOLDER with images like its training data"
+            )
+        return reference_digits("test")
+    from .data import ImageFolderDataset
+
+    dataset = ImageFolderDataset(
+        data, resolution=config.sample_size, color_mode="grayscale" if config.in_channels == 1 else "rgb"
+    )
+    items = [dataset[index] for index in range(len(dataset))]
+    images = torch.stack([item["pixel_values"] for item in items])
+    labels = torch.stack([item["class_labels"] for item in items]) if dataset.labels is not None else None
+    return images, labels
+
+
+def run_evaluation(
+    pipeline: Any,
+    *,
+    model_name: str,
+    metrics: Sequence[str] = ("bpd", "fd"),
+    data: str | Path | None = None,
+    num_samples: int = 500,
+    steps: Sequence[int | str] = (1000,),
+    schedulers: Sequence[str] = ("ddpm",),
+    labelled: bool = True,
+    guidance_scale: float = 1.0,
+    seeds: int = 1,
+    batch_size: int = 250,
+    bpd_timesteps: int | None = None,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Everything ``ddpm-components evaluate`` measures, as the JSON-ready report.
+
+    ``bpd_timesteps=None`` runs the full chain; an integer K uses the stratified estimate from K timesteps.
+    Sample metrics (``fd``, ``kid``, ``accuracy``) are measured for every scheduler spec × step count.
+    """
+    unknown = sorted(set(metrics) - set(EVALUATION_METRICS))
+    if unknown:
+        raise ValueError(
+            f"unknown metric(s) {unknown}; choose from {', '.join(EVALUATION_METRICS)} (FID with Inception weights "
+            "is not available yet)"
+        )
+    reference, reference_labels = reference_images(pipeline, data)
+    sample_metrics = tuple(name for name in metrics if name != "bpd")
+    if sample_metrics:
+        if tuple(reference.shape[1:]) != (1, 8, 8):
+            raise ValueError("fd, kid and accuracy use the digits classifier: they need 8x8 greyscale data")
+        check_samplers(pipeline, schedulers, steps)
+    report: dict[str, Any] = {
+        "model": model_name,
+        "num_samples": num_samples,
+        "guidance_scale": guidance_scale,
+    }
+    if "bpd" in metrics:
+        unet, scheduler = pipeline.unet, pipeline.scheduler
+        labels = reference_labels if (labelled and getattr(unet.config, "num_class_embeds", None)) else None
+        device = next(unet.parameters()).device
+        generator = torch.Generator().manual_seed(seed)
+        if bpd_timesteps is None:
+            result = bits_per_dim(
+                unet,
+                scheduler,
+                reference.to(device),
+                labels,
+                batch_size=batch_size,
+                generator=generator,
+                show_progress=show_progress,
+            )
+        else:
+            result = bits_per_dim_estimate(
+                unet,
+                scheduler,
+                reference.to(device),
+                labels,
+                num_timesteps=bpd_timesteps,
+                batch_size=batch_size,
+                generator=generator,
+            )
+        report["bpd"] = {
+            **result.to_dict(),
+            "num_timesteps": bpd_timesteps,
+            "conditional": labels is not None,
+        }
+    if sample_metrics:
+        report["reference"] = reference_numbers(reference, num_samples, seed=seed)
+        report["samplers"] = evaluate_samplers(
+            pipeline,
+            reference,
+            metrics=sample_metrics,
+            num_samples=num_samples,
+            steps=steps,
+            schedulers=schedulers,
+            labelled=labelled,
+            guidance_scale=guidance_scale,
+            seeds=seeds,
+            batch_size=batch_size,
+            show_progress=show_progress,
+        )
+    return report
