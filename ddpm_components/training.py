@@ -1601,7 +1601,7 @@ class _TrainLoop:
         lower = f"{self.config.learning_rate / 2:g}"
         checkpoints = list_checkpoints(self.output_dir)
         kept = (
-            f"kept the last good checkpoint {checkpoints[-1]}"
+            f"kept the last good checkpoint {Path(self.config.output_dir) / checkpoints[-1].name}"
             if checkpoints
             else "no checkpoint was written before it, so a resumed run starts from step 0"
         )
@@ -1698,14 +1698,13 @@ class _TrainLoop:
             return TrainingInterrupted(signal_number, message)
         step = self.progress.global_step
         if self.phase == "the push":
-            message = (
-                f"interrupted by {name} before the push to the Hub; the model is saved in {self.config.output_dir}; "
-                f"push it with: {shlex.join(['ddpm-components', 'push', '--model', str(self.config.output_dir), '--repo-id', str(self.config.hub_model_id)])}"
-            )
+            folder, repo_id = str(self.config.output_dir), str(self.config.hub_model_id)
+            push = shlex.join(["ddpm-components", "push", "--model", folder, "--repo-id", repo_id])
+            message = f"interrupted by {name} before the push to the Hub; the model is saved in {folder}; push it with: {push}"
             return TrainingInterrupted(signal_number, message)
         checkpoints = list_checkpoints(self.output_dir)
         kept = (
-            f"kept {checkpoints[-1]} (step {_checkpoint_step(checkpoints[-1])})"
+            f"kept {Path(self.config.output_dir) / checkpoints[-1].name}"
             if checkpoints
             else "no checkpoint yet, so a resumed run starts from step 0"
         )
