@@ -420,6 +420,11 @@ def test_folder_data_learned_variance_v_prediction_min_snr_checkpointing_tensorb
         and unet_config["num_class_embeds"] == 2
     )
     assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))  # tensorboard through accelerate
+    # both terms of the hybrid loss are logged: loss = mse + vlb_weight * T * vb (T = 50)
+    for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert record["vb"] > 0 and record["mse"] > 0
+        assert record["loss"] == pytest.approx(record["mse"] + 0.001 * 50 * record["vb"], rel=1e-5)
     scheduler_config = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
     assert (
         scheduler_config["variance_type"] == "learned_range"
