@@ -234,19 +234,41 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
             parser.add_argument(
                 flag, default=item.default, metavar="{" + ",".join(choices) + "}", help=help_text
             )
+        elif optional and annotation in (int, float):
+            # an optional number also takes 'none' (e.g. --checkpoints-total-limit none: keep every checkpoint)
+            def number_or_none(text: str, number_type: type = annotation) -> int | float | None:
+                return None if text.strip().lower() == "none" else number_type(text)
+
+            number_or_none.__name__ = annotation.__name__  # argparse names the type in its error message
+            parser.add_argument(flag, type=number_or_none, default=item.default, help=help_text)
         else:
             parser.add_argument(flag, type=annotation, default=item.default, help=help_text)
     parser.set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    """Train; exit code 0, 1 when the loss diverged (NaN/inf), 128 + the signal number after SIGINT / SIGTERM
+    (130 / 143), each with one line on stderr; bad options, data, folders or checkpoints raise ValueError (2)."""
     import dataclasses
 
-    from .training import TrainingConfig, train
+    from .training import TrainingConfig, TrainingDiverged, TrainingInterrupted, train
 
     names = [item.name for item in dataclasses.fields(TrainingConfig)]
     config = TrainingConfig(**{name: getattr(args, name) for name in names})
-    summary = train(config)
+    try:
+        summary = train(config)
+    except TrainingInterrupted as interrupt:
+        print(f"ddpm-components train: {interrupt}", file=sys.stderr)
+        return interrupt.exit_code
+    except TrainingDiverged as error:
+        if error.is_main_process:
+            print(f"ddpm-components train: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:  # before train() installed its handlers
+        print(
+            "ddpm-components train: interrupted before training started; nothing was written", file=sys.stderr
+        )
+        return 130
     if summary.get("is_main_process", True):
         print(
             f"trained {summary['global_step']} steps in {summary['wall_time']:.0f} s "

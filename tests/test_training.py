@@ -146,10 +146,11 @@ def test_simple_loss_matches_diffusers_forward_process(prediction_type):
     from diffusers import DDPMScheduler as DiffusersDDPMScheduler
 
     x0 = torch.rand(6, 2, 4, 4) * 2 - 1
-    config = TrainingConfig(prediction_type=prediction_type)
     scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type)
     model = _Recorder(2)
-    loss = training_loss(model, scheduler, x0, config, generator=torch.Generator().manual_seed(3))
+    terms = training_loss(model, scheduler, x0, generator=torch.Generator().manual_seed(3))
+    assert terms.vb is None and terms.mse is terms.loss  # L_simple alone
+    loss = terms.loss
 
     oracle = DiffusersDDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type)
     timesteps, noise = _draws(3, x0.shape, 100)
@@ -165,8 +166,14 @@ def test_min_snr_weights_the_per_sample_mse():
     x0 = torch.rand(8, 1, 4, 4) * 2 - 1
     scheduler = DDPMScheduler(num_train_timesteps=100)
     model = _Recorder(1)
-    config = TrainingConfig(loss_weighting="min_snr", snr_gamma=2.0)
-    loss = training_loss(model, scheduler, x0, config, generator=torch.Generator().manual_seed(1))
+    loss = training_loss(
+        model,
+        scheduler,
+        x0,
+        generator=torch.Generator().manual_seed(1),
+        loss_weighting="min_snr",
+        snr_gamma=2.0,
+    ).loss
     timesteps, noise = _draws(1, x0.shape, 100)
     alphas_cumprod = scheduler.alphas_cumprod[timesteps].double()
     snr = alphas_cumprod / (1 - alphas_cumprod)
@@ -179,15 +186,20 @@ def test_min_snr_weights_the_per_sample_mse():
 def test_hybrid_loss_vlb_gradient_reaches_only_the_variance_channels():
     x0 = torch.rand(4, 1, 4, 4) * 2 - 1
     scheduler = DDPMScheduler(num_train_timesteps=100, variance_type="learned_range")
-    hybrid_config = TrainingConfig(learned_variance=True, vlb_weight=0.001)
-    simple_config = TrainingConfig(learned_variance=True, vlb_weight=0.0)
-    grads = {}
-    for name, config in {"hybrid": hybrid_config, "simple": simple_config}.items():
+    grads, terms = {}, {}
+    for name, vlb_weight in {"hybrid": 0.001, "simple": 0.0}.items():
         torch.manual_seed(0)
         model = _Recorder(2)
-        loss = training_loss(model, scheduler, x0, config, generator=torch.Generator().manual_seed(5))
-        loss.backward()
-        grads[name] = (loss.detach(), model.output.grad.clone())
+        terms[name] = training_loss(
+            model,
+            scheduler,
+            x0,
+            generator=torch.Generator().manual_seed(5),
+            learned_variance=True,
+            vlb_weight=vlb_weight,
+        )
+        terms[name].loss.backward()
+        grads[name] = (terms[name].loss.detach(), model.output.grad.clone())
         output = model.output.detach().expand(4, -1, -1, -1)
     # mean channel: the same gradient with and without the vlb term (stop-gradient on the mean)
     torch.testing.assert_close(grads["hybrid"][1][:, :1], grads["simple"][1][:, :1], atol=1e-7, rtol=1e-6)
@@ -200,15 +212,24 @@ def test_hybrid_loss_vlb_gradient_reaches_only_the_variance_channels():
     torch.testing.assert_close(
         grads["hybrid"][0] - grads["simple"][0], 0.001 * 100 * vlb.mean(), atol=1e-5, rtol=1e-4
     )
+    # the terms: loss = mse + vlb_weight * T * vb, with vb the mean L_t (also reported when not added)
+    for name in ("hybrid", "simple"):
+        torch.testing.assert_close(terms[name].vb.detach(), vlb.mean(), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(terms[name].mse.detach(), grads["simple"][0], atol=1e-6, rtol=1e-6)
 
 
 def test_label_dropout_replaces_labels_with_the_null_class():
     x0 = torch.zeros(64, 1, 4, 4)
     model = _Recorder(1)
     labels = torch.arange(64) % 10
-    config = TrainingConfig(label_dropout=0.3)
     training_loss(
-        model, DDPMScheduler(num_train_timesteps=10), x0, config, torch.Generator().manual_seed(0), labels, 10
+        model,
+        DDPMScheduler(num_train_timesteps=10),
+        x0,
+        generator=torch.Generator().manual_seed(0),
+        class_labels=labels,
+        null_class_label=10,
+        label_dropout=0.3,
     )
     seen = model.calls[0]["class_labels"]
     dropped = seen == 10
@@ -234,10 +255,16 @@ def test_tiny_training_run_writes_the_loadable_pipeline_and_records(tmp_path):
     assert not [p for p in output_dir.iterdir() if p.name.startswith(("tmp-", "deleting-"))]
     for checkpoint in list_checkpoints(output_dir):
         names = {p.name for p in checkpoint.iterdir()}
-        assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= names
+        assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "run.json"} <= names
         assert {"custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"} <= names  # EMA, step counter
 
-    assert TrainingConfig.from_dict(json.loads((output_dir / "training_config.json").read_text())) == config
+    # the saved configuration (shared with the model) names folders without the local path; one run id
+    saved = json.loads((output_dir / "training_config.json").read_text())
+    assert TrainingConfig.from_dict(saved) == dataclasses.replace(config, output_dir="run")
+    for shared in ("training_config.json", "README.md"):
+        assert str(tmp_path) not in (output_dir / shared).read_text(), shared
+    run_ids = {json.loads((c / "run.json").read_text())["run_id"] for c in list_checkpoints(output_dir)}
+    assert run_ids == {saved["run_id"]} and len(saved["run_id"]) == 32
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) and r["images_per_second"] > 0 and r["lr"] > 0 for r in records)
@@ -393,6 +420,11 @@ def test_folder_data_learned_variance_v_prediction_min_snr_checkpointing_tensorb
         and unet_config["num_class_embeds"] == 2
     )
     assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))  # tensorboard through accelerate
+    # both terms of the hybrid loss are logged: loss = mse + vlb_weight * T * vb (T = 50)
+    for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert record["vb"] > 0 and record["mse"] > 0
+        assert record["loss"] == pytest.approx(record["mse"] + 0.001 * 50 * record["vb"], rel=1e-5)
     scheduler_config = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
     assert (
         scheduler_config["variance_type"] == "learned_range"

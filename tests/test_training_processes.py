@@ -29,11 +29,12 @@ TINY_FLAGS = [
         "1",
     ),
 ]
-# files accelerate.save_state writes for our loop (model, optimizer, lr schedule, RNG, EMA, step counter)
+# files of a checkpoint: accelerate.save_state's for our loop (model, optimizer, RNG, EMA, step counter) and
+# our run record (the learning-rate schedule has no state beyond the step: it is rebuilt on resume)
 CHECKPOINT_FILES = {
     "model.safetensors",
     "optimizer.bin",
-    "scheduler.bin",
+    "run.json",
     "random_states_0.pkl",
     "custom_checkpoint_0.pkl",
     "custom_checkpoint_1.pkl",
