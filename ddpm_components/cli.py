@@ -654,7 +654,9 @@ def describe_error(error: Exception) -> tuple[int, str]:
 
     if isinstance(error, (ValueError, FileNotFoundError, NotADirectoryError)):
         return EXIT_USAGE, _one_line(str(error))
-    if isinstance(error, HubError):
+    if isinstance(
+        error, (HubError, FloatingPointError)
+    ):  # FloatingPointError: a NaN/inf result, not a result
         return EXIT_FAILURE, _one_line(str(error))
     if isinstance(error, torch.OutOfMemoryError):
         first = (str(error).strip().splitlines() or [""])[0]
@@ -678,7 +680,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     - exit code 2: a mistake in the options or the input files (``ValueError``, ``FileNotFoundError``,
       ``NotADirectoryError``; argparse's own errors too), found before any long work where it can be;
     - exit code 1: the environment failed (``HubError``; an ``OSError`` such as a full disk or a permission;
-      out of memory), or an unexpected error, which is a bug: its line says so and how to see the traceback;
+      out of memory), a result that is NaN or infinite (``FloatingPointError``), or an unexpected error, which is
+      a bug: its line says so and how to see the traceback;
     - exit code 130: Ctrl-C (``interrupted``).
 
     With the environment variable ``DDPM_COMPONENTS_DEBUG=1`` errors propagate with their traceback instead.

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -63,6 +64,8 @@ ReportTo = Literal["none", "tensorboard"]
 ModelPreset = Literal["digits", "cifar10", "celebahq256", "lsun256"]
 ColorMode = Literal["grayscale", "rgb"]
 CropMode = Literal["center", "random"]
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 _TEMPORARY_PREFIX = "tmp-checkpoint-"
@@ -1308,6 +1311,12 @@ class _TrainLoop:
                 f"the dataset has {len(self.dataset)} images, fewer than one batch per process "
                 f"({config.train_batch_size} x {accelerator.num_processes}); lower --train-batch-size"
             )
+        if self.is_main:  # finish or clean up a save of ours that was interrupted, before judging the folder
+            from .pipeline_ddpm import repair_interrupted_save
+
+            for line in repair_interrupted_save(self.output_dir):
+                accelerator.print(f"{config.output_dir}: {line}")
+        accelerator.wait_for_everyone()
         self.folder = _inspect_output_folder(self.output_dir)
         self.resume_path = _plan_output_folder(config, self.folder)
         self.stop.raise_if_requested()
@@ -1648,9 +1657,18 @@ class _TrainLoop:
             self.stop.raise_if_requested()
             self.phase = "the final sample grid"
             accelerator.print(f"sampling the final grid ({config.num_inference_steps} denoising steps)")
-            grid = sample_grid(
-                final_unet, self.scheduler, config, self.num_classes, accelerator.device, self.stop.requested
-            )
+            try:
+                grid = sample_grid(
+                    final_unet,
+                    self.scheduler,
+                    config,
+                    self.num_classes,
+                    accelerator.device,
+                    self.stop.requested,
+                )
+            except FloatingPointError as error:  # finite weights, non-finite samples: keep the model anyway
+                logger.warning("the final sample grid was not saved: %s", error)
+                grid = None
             self.stop.raise_if_requested()
             self.phase = "the save"
             pipeline = DDPMPipeline(unet=final_unet, scheduler=self.scheduler)

@@ -346,6 +346,23 @@ def test_a_bug_is_one_line_that_says_how_to_see_the_traceback(models, workdir, m
     assert not (workdir / "samples.png").exists()
 
 
+def test_a_nan_result_is_one_line_with_exit_code_1_and_writes_nothing(models, workdir, tmp_path, capsys):
+    """A model whose output is NaN (here: NaN weights) makes sampling raise FloatingPointError, not black images."""
+    import torch
+
+    from ddpm_components import DDPMPipeline
+
+    broken = DDPMPipeline.from_pretrained(models["unconditional"])
+    with torch.no_grad():
+        broken.unet.conv_out.bias.fill_(float("nan"))
+    broken.save_pretrained(tmp_path / "nan-model")
+    args = ["sample", "--model", str(tmp_path / "nan-model"), "--num-images", "2", "--steps", "2"]
+    code, err = _cli(args, capsys, progress=True)
+    assert code == 1 and len(err) == 1, err
+    assert "unexpected" not in err[0] and ("NaN" in err[0] or "finite" in err[0]), err[0]
+    assert not (workdir / "samples.png").exists()
+
+
 # ------------------------------------------------------------------------------ real processes
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "DDPM_COMPONENTS_"))}

@@ -363,11 +363,6 @@ def test_overwrite_deletes_exactly_the_previous_runs_files(tmp_path):
     assert json.loads((folder / "checkpoint-2" / "run.json").read_text())["run_id"] == new_id
 
 
-@pytest.mark.xfail(
-    reason="needs the pipeline engineer's save (per-component, never renaming the output folder); the training "
-    "side is ready: the run is accepted and training deletes nothing. Remove this marker after the merge.",
-    strict=False,
-)
 def test_a_run_keeps_unrelated_user_files_and_folder_modes(tmp_path):
     # today: o/unet/important.txt was deleted by the final save and the folder became mode 0700
     folder = tmp_path / "o"
