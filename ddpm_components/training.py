@@ -1502,7 +1502,10 @@ class _TrainLoop:
             self.bar.update(1)
             if step % config.logging_steps == 0 or step == config.max_train_steps:
                 self.log(step)
-            if config.checkpointing_steps and step % config.checkpointing_steps == 0:
+            # every N steps and at the last one, so that an interrupt in the final grid or save loses no training
+            if config.checkpointing_steps and (
+                step % config.checkpointing_steps == 0 or step == config.max_train_steps
+            ):
                 self.checkpoint(step)
             if (
                 config.sample_every_steps

@@ -625,3 +625,11 @@ def test_the_saved_unet_names_its_classes(tmp_path):
     digits_config = json.loads((tmp_path / "digits" / "unet" / "config.json").read_text())
     assert folder_config["class_names"] == ["cat", "dog"]
     assert digits_config["class_names"] == [str(digit) for digit in range(10)]
+
+
+def test_a_checkpoint_is_written_at_the_last_step_too(tmp_path):
+    """So that an interrupt during the final grid or save loses no training: `--resume latest` then only samples
+    and saves (the step counter is already at --max-train-steps)."""
+    folder = tmp_path / "run"
+    train(tiny_config(folder, max_train_steps=3, checkpointing_steps=2, checkpoints_total_limit=None))
+    assert [path.name for path in list_checkpoints(folder)] == ["checkpoint-2", "checkpoint-3"]
