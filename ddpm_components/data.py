@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, get_args
@@ -413,16 +412,12 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def _check_writable_folder(folder: Path, what: str, target: Path) -> None:
-    """Raise ``ValueError`` unless a file can be created in ``folder`` (tried for real, then removed: permission
-    bits do not tell for root, read-only mounts or pseudo file systems)."""
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".ddpm-write-test-", dir=folder)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as error:
-        raise ValueError(
-            f"{what} {str(target)!r}: cannot write into {str(folder)!r} ({error.strerror or error})"
-        ) from None
+    """Raise ``ValueError`` unless a file can be created in ``folder`` (``pipeline_ddpm.unwritable_reason``)."""
+    from .pipeline_ddpm import unwritable_reason
+
+    reason = unwritable_reason(folder)
+    if reason is not None:
+        raise ValueError(f"{what} {str(target)!r}: cannot write into {str(folder)!r} ({reason})")
 
 
 def check_output_file(path: str | os.PathLike, what: str) -> Path:

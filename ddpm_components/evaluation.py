@@ -179,22 +179,48 @@ def bits_per_dim(
     Returns:
         :class:`BitsPerDim` (total, prior, vb, decoder, standard error over images).
     """
+    _check_images(images)
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    rounds = [
+        (torch.full((images.shape[0],), t, dtype=torch.long), 1.0)
+        for t in range(num_train_timesteps - 1, -1, -1)
+    ]
+    return _bound(
+        unet, scheduler, images, class_labels, rounds, batch_size, generator, clip_denoised, show_progress
+    )
+
+
+def _bound(
+    unet: Any,
+    scheduler: Any,
+    images: torch.Tensor,
+    class_labels: torch.Tensor | None,
+    rounds: Sequence[tuple[torch.Tensor, float]],
+    batch_size: int,
+    generator: torch.Generator | None,
+    clip_denoised: bool,
+    show_progress: bool,
+) -> BitsPerDim:
+    """L_T plus Σ over ``rounds`` of weight · L_{t} at each round's timesteps (one per image), split into the
+    decoder (t = 0) and KL parts: the full chain (every t, weight 1) or the stratified estimate."""
     from tqdm.auto import tqdm
 
-    _check_images(images)
     labels = _class_labels_for(unet, class_labels, images.shape[0])
-    num_train_timesteps = scheduler.config.num_train_timesteps
-    prior = torch.cat([scheduler.prior_bpd(images[part]) for part in _batches(images.shape[0], batch_size)])
+    batches = _batches(images.shape[0], batch_size)
+    prior = torch.cat([scheduler.prior_bpd(images[part]) for part in batches]).double().cpu()
     vb = torch.zeros(images.shape[0], dtype=torch.float64)
     decoder = torch.zeros_like(vb)
-    for t in tqdm(range(num_train_timesteps - 1, -1, -1), desc="bits/dim", disable=not show_progress):
-        for part in _batches(images.shape[0], batch_size):
+    for timesteps, weight in tqdm(rounds, desc="bits/dim", disable=not show_progress):
+        for part in batches:
             batch = images[part]
-            timesteps = torch.full((batch.shape[0],), t, dtype=torch.long, device=batch.device)
             batch_labels = None if labels is None else labels[part].to(batch.device)
-            terms = _terms(unet, scheduler, batch, timesteps, batch_labels, generator, clip_denoised)
-            (decoder if t == 0 else vb)[part] += terms.double().cpu()
-    return _summarise(prior.double().cpu(), vb, decoder)
+            batch_timesteps = timesteps[part].to(batch.device)
+            terms = _terms(unet, scheduler, batch, batch_timesteps, batch_labels, generator, clip_denoised)
+            weighted = terms.double().cpu() * weight
+            is_decoder = timesteps[part] == 0
+            decoder[part] += torch.where(is_decoder, weighted, 0.0)
+            vb[part] += torch.where(is_decoder, 0.0, weighted)
+    return _summarise(prior, vb, decoder)
 
 
 def _stratified_timesteps(
@@ -234,22 +260,9 @@ def bits_per_dim_estimate(
             f"num_timesteps must be an integer in [1, {num_train_timesteps}] (num_train_timesteps), got "
             f"{num_timesteps!r}"
         )
-    labels = _class_labels_for(unet, class_labels, images.shape[0])
     timesteps, sizes = _stratified_timesteps(num_train_timesteps, num_timesteps, images.shape[0], generator)
-    prior = torch.cat([scheduler.prior_bpd(images[part]) for part in _batches(images.shape[0], batch_size)])
-    vb = torch.zeros(images.shape[0], dtype=torch.float64)
-    decoder = torch.zeros_like(vb)
-    for stratum in range(num_timesteps):
-        for part in _batches(images.shape[0], batch_size):
-            batch = images[part]
-            batch_timesteps = timesteps[stratum, part].to(batch.device)
-            batch_labels = None if labels is None else labels[part].to(batch.device)
-            terms = _terms(unet, scheduler, batch, batch_timesteps, batch_labels, generator, clip_denoised)
-            weighted = terms.double().cpu() * float(sizes[stratum])
-            is_decoder = timesteps[stratum, part] == 0
-            decoder[part] += torch.where(is_decoder, weighted, 0.0)
-            vb[part] += torch.where(is_decoder, 0.0, weighted)
-    return _summarise(prior.double().cpu(), vb, decoder)
+    rounds = [(timesteps[stratum], float(sizes[stratum])) for stratum in range(num_timesteps)]
+    return _bound(unet, scheduler, images, class_labels, rounds, batch_size, generator, clip_denoised, False)
 
 
 # ------------------------------------------------------------------------------------------ sample quality

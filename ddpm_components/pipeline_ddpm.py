@@ -1142,15 +1142,25 @@ def check_save_directory(save_directory: str | os.PathLike) -> Path:
         raise ValueError(f"cannot save to {str(save_directory)!r}: {str(existing)!r} is a file, not a folder")
     if existing == target and not target.is_dir():
         raise ValueError(f"cannot save to {str(save_directory)!r}: it is a file, not a folder")
-    try:  # try it for real: permission bits do not tell for root, read-only mounts or full disks
-        handle, probe = tempfile.mkstemp(prefix=".ddpm-write-test-", dir=existing)
+    reason = unwritable_reason(existing)
+    if reason is not None:
+        raise ValueError(
+            f"cannot save to {str(save_directory)!r}: {str(existing)!r} is not writable ({reason})"
+        )
+    return target
+
+
+def unwritable_reason(folder: str | os.PathLike) -> str | None:
+    """``None`` when a file can be created in the existing ``folder``, else why not. Tried for real (a temporary
+    file, removed at once): permission bits do not tell for root, read-only mounts, pseudo file systems or full
+    disks."""
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".ddpm-write-test-", dir=folder)
         os.close(handle)
         os.unlink(probe)
     except OSError as error:
-        raise ValueError(
-            f"cannot save to {str(save_directory)!r}: {str(existing)!r} is not writable ({error.strerror or error})"
-        ) from None
-    return target
+        return str(error.strerror or error)
+    return None
 
 
 def saved_pipeline_files(folder: str | os.PathLike) -> list[str]:

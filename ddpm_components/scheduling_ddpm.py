@@ -149,6 +149,20 @@ class ReverseStepCoefficients(NamedTuple):
     posterior_variance: torch.Tensor  # Eq. 7: β̃'_t = β'_t (1 - ᾱ_t') / (1 - ᾱ_t)
 
 
+def _cached_cast(
+    cache: dict[tuple[torch.device, torch.dtype], torch.Tensor],
+    table64: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``table64`` (a float64 table) on ``device`` in ``dtype``, cast once and kept in ``cache``."""
+    key = (device, dtype)
+    table = cache.get(key)
+    if table is None:
+        table = cache[key] = table64.to(device=device, dtype=dtype)
+    return table
+
+
 def _reverse_step_coefficients(
     alphas_cumprod: torch.Tensor, alphas_cumprod_prev: torch.Tensor
 ) -> ReverseStepCoefficients:
@@ -748,12 +762,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
 
     def _step_tables(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The per-timestep coefficient table on ``device`` in ``dtype`` (cached)."""
-        key = (device, dtype)
-        cached = self._step_cache.get(key)
-        if cached is None:
-            cached = self._step_table64.to(device=device, dtype=dtype)
-            self._step_cache[key] = cached
-        return cached
+        return _cached_cast(self._step_cache, self._step_table64, device, dtype)
 
     def previous_timestep(self, timestep: int | torch.Tensor) -> int | torch.Tensor:
         """The timestep after ``timestep`` in the current chain (-1 after the last one).
@@ -1050,12 +1059,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
 
     def _schedule_table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The full-schedule table on ``device`` in ``dtype`` (cached)."""
-        key = (device, dtype)
-        table = self._schedule_cache.get(key)
-        if table is None:
-            table = self._schedule_table64.to(device=device, dtype=dtype)
-            self._schedule_cache[key] = table
-        return table
+        return _cached_cast(self._schedule_cache, self._schedule_table64, device, dtype)
 
     def _gather_schedule(self, timesteps: int | torch.Tensor, like: torch.Tensor) -> ScheduleColumns:
         """The full-schedule columns at ``timesteps`` (one per batch element of ``like``, or one for all),
