@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRAINING
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -20,19 +21,7 @@ from ddpm_components.training import TrainingConfig, list_checkpoints, train, tr
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-# a 2-level, 8-channel U-Net on 8x8 digits: a training step takes milliseconds
-TINY = dict(
-    block_out_channels="8,16",
-    layers_per_block=1,
-    train_batch_size=16,
-    num_inference_steps=2,
-    samples_per_class=1,
-    num_samples=4,
-    lr_warmup_steps=0,
-    logging_steps=1,
-    lr_scheduler="constant",
-    num_train_timesteps=50,
-)
+TINY = TINY_TRAINING
 
 
 def tiny_config(output_dir: Path, **overrides) -> TrainingConfig:

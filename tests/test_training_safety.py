@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRAINING
 from PIL import Image
 
 from ddpm_components import training
@@ -34,18 +35,7 @@ from ddpm_components.training import (
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-TINY = dict(
-    block_out_channels="8,16",
-    layers_per_block=1,
-    train_batch_size=16,
-    num_inference_steps=2,
-    samples_per_class=1,
-    num_samples=4,
-    lr_warmup_steps=0,
-    logging_steps=1,
-    lr_scheduler="constant",
-    num_train_timesteps=50,
-)
+TINY = TINY_TRAINING
 TINY_ARGS = [
     *("--block-out-channels", "8,16", "--layers-per-block", "1", "--train-batch-size", "16"),
     *("--num-inference-steps", "2", "--samples-per-class", "1", "--lr-warmup-steps", "0"),
