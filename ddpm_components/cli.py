@@ -299,16 +299,29 @@ def _add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--num-images", type=_positive_int, default=16, help="how many images to sample")
     parser.add_argument(
+        "--batch-size", type=_positive_int, default=64, help="images per batch (a progress bar counts them)"
+    )
+    parser.add_argument(
         "--steps",
-        type=_positive_int,
+        type=_steps_value,
         default=1000,
-        help="denoising steps (1000 = the DDPM paper; fewer is faster and rougher)",
+        help="denoising steps (1000 = the DDPM paper; fewer is faster and rougher), or a respacing string for our "
+        "scheduler such as ddim50 or 10,15,20",
+    )
+    parser.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="SPEC",
+        help="sample with another scheduler: 'ddpm:key=value,...' overrides the model's own scheduler's config, a "
+        "diffusers scheduler class name (e.g. DPMSolverMultistepScheduler[:key=value,...]) swaps it in "
+        "(default: the model's scheduler as saved)",
     )
     parser.add_argument(
         "--seed",
         type=_seed,
         default=0,
-        help="random seed in [0, 2**64 - 1]: the same seed gives the same images",
+        help="random seed in [0, 2**64 - 1]: image i is seeded by (seed, i), so the same seed gives the same images "
+        "whatever --batch-size or the number of processes",
     )
     labels = parser.add_mutually_exclusive_group()
     labels.add_argument(
@@ -350,13 +363,22 @@ def _add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
         help="with --init-image: the fraction of the schedule to run, in (0, 1]; small values stay close to the "
         "image (default 0.5)",
     )
-    parser.add_argument("--out", type=Path, default=Path("samples.png"), help="output PNG grid")
     parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="a PNG grid (FILE.png) or all images as an .npz (arr_0: uint8 N x H x W x C, arr_1: class labels), "
+        "written at the end (default: samples.png when --out-dir is not given)",
+    )
+    parser.add_argument(
+        "--out-dir",
         "--save-individual",
+        dest="out_dir",
         type=Path,
         default=None,
         metavar="DIR",
-        help="also write one PNG per image into DIR",
+        help="write one PNG per image into DIR (000000.png, ...); a rerun with the same settings skips the images "
+        "already there",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
@@ -368,19 +390,38 @@ def _add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _individual_names(num_images: int) -> list[str]:
-    return [f"{index:04d}.png" for index in range(num_images)]
+    from .sampling import png_name
+
+    return [png_name(index) for index in range(num_images)]
 
 
 def _check_sample_options(args: argparse.Namespace) -> Any:
     """Everything about ``sample``'s options that needs no model; returns the decoded ``--init-image`` (or None)."""
-    from .data import check_output_folder, read_image_file
+    from .data import check_output_file, check_output_folder, read_image_file
     from .pipeline_ddpm import standardize_pil_image
+    from .sampling import SchedulerSpec
 
     if args.strength is not None and args.init_image is None:
         raise ValueError("--strength only applies to image-to-image: pass --init-image FILE as well")
-    _check_png_output(args.out, "--out")
-    if args.save_individual is not None:
-        check_output_folder(args.save_individual, "--save-individual", _individual_names(args.num_images))
+    if args.out is None and args.out_dir is None:
+        args.out = Path("samples.png")
+    if args.out is not None:
+        if args.out.suffix.lower() not in (".png", ".npz"):
+            raise ValueError(f"--out must be a .png grid or an .npz file, got {str(args.out)!r}")
+        check_output_file(args.out, "--out")
+    if args.out_dir is not None:
+        check_output_folder(args.out_dir, "--out-dir", _individual_names(args.num_images))
+    labels = args.class_label if args.class_label is not None else args.class_name
+    if labels is not None and len(labels) not in (1, args.num_images):
+        raise ValueError(
+            f"got {len(labels)} class labels for --num-images {args.num_images}: pass one label or one per image"
+        )
+    if isinstance(args.steps, str) and args.scheduler is not None and not args.scheduler.startswith("ddpm"):
+        raise ValueError(
+            f"--steps {args.steps!r} is a respacing string, which only our scheduler ('ddpm') takes"
+        )
+    if args.scheduler is not None:
+        SchedulerSpec.parse(args.scheduler)
     if args.init_image is None:
         return None
     image = read_image_file(args.init_image, "--init-image")
@@ -402,27 +443,16 @@ def _init_image_for(pipeline: Any, image: Any) -> Any:
     return image.resize((width, height), Image.Resampling.LANCZOS)
 
 
-def _image_grid(images: list[Any]) -> Any:
-    """The images in a near-square grid, row by row, padded with black tiles."""
-    from diffusers.utils import make_image_grid
-    from PIL import Image
-
-    columns = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
-    blank = Image.new(images[0].mode, images[0].size)
-    grid = make_image_grid(images + [blank] * (rows * columns - len(images)), rows=rows, cols=columns)
-    return grid.convert(images[0].mode)  # make_image_grid pastes onto RGB; keep greyscale greyscale
-
-
 def _run_sample(args: argparse.Namespace) -> int:
     init_image = _check_sample_options(args)
     device = _torch_device(args.device)
-    import torch
-
-    from .data import save_png
     from .hub import load_pipeline
+    from .sampling import SampleOutputs, SchedulerSpec, sample_batches
 
+    state = _sampling_processes()
     pipeline = load_pipeline(args.model, trust_remote_code=args.trust_remote_code)
+    if args.scheduler is not None:
+        pipeline.scheduler = SchedulerSpec.parse(args.scheduler).build(pipeline.scheduler)
     pipeline.to(device)
     pipeline.set_progress_bar_config(file=getattr(args, "stderr", sys.stderr))
     call_kwargs = {}
@@ -432,24 +462,89 @@ def _run_sample(args: argparse.Namespace) -> int:
             strength=0.5 if args.strength is None else args.strength,
         )
     labels = args.class_label if args.class_label is not None else args.class_name
-    if labels is not None and len(labels) == 1:
-        labels = labels[0]
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    images = pipeline(
-        batch_size=args.num_images,
-        generator=generator,
+    pipeline.check_inputs(  # the labels (names), steps and image against this model, before anything is written
+        batch_size=len(labels) if labels is not None and len(labels) > 1 else 1,
+        generator=None,
         num_inference_steps=args.steps,
+        timesteps=None,
         class_labels=labels,
         guidance_scale=args.guidance_scale,
+        image=call_kwargs.get("image"),
+        strength=call_kwargs.get("strength", 1.0),
+        output_type="pt",
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=None,
+    )
+    resumable = state is not None or args.num_images > args.batch_size
+    outputs = SampleOutputs(args.out, args.out_dir, _sample_settings(args), args.num_images, resumable)
+    is_main = state is None or state.is_main_process
+    if is_main:
+        outputs.check()
+        outputs.prepare()
+    _barrier(state)
+    todo = outputs.todo()
+    _barrier(state)  # every process has its list before any image is written
+    rank, world = (0, 1) if state is None else (state.process_index, state.num_processes)
+    for indices, images in sample_batches(
+        pipeline,
+        todo[rank::world],
+        seed=args.seed,
+        num_inference_steps=args.steps,
+        batch_size=args.batch_size,
+        class_label_of=None if labels is None else (lambda index: labels[index if len(labels) > 1 else 0]),
+        guidance_scale=args.guidance_scale,
+        show_progress=is_main,
+        progress_file=getattr(args, "stderr", sys.stderr),
         **call_kwargs,
-    ).images
-    save_png(_image_grid(images), args.out)
-    if args.save_individual is not None:
-        for name, image in zip(_individual_names(len(images)), images):
-            save_png(image, args.save_individual / name)
-    where = f" and {len(images)} images in {args.save_individual}" if args.save_individual is not None else ""
-    print(f"wrote {args.out} ({len(images)} images, {args.steps} steps, seed {args.seed}){where}")
+    ):
+        outputs.write(indices, images, rank)
+    _barrier(state)
+    if is_main:
+        all_labels = (
+            None if labels is None else [labels[i if len(labels) > 1 else 0] for i in range(args.num_images)]
+        )
+        outputs.finish(all_labels)
+        written = [str(path) for path in (args.out, args.out_dir) if path is not None]
+        resumed = f", {args.num_images - len(todo)} already there" if len(todo) < args.num_images else ""
+        print(
+            f"wrote {' and '.join(written)} ({args.num_images} images{resumed}, {args.steps} steps, seed {args.seed})"
+        )
     return 0
+
+
+def _sample_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What makes ``sample``'s images what they are: a rerun into the same outputs must use the same."""
+    import hashlib
+
+    init_image = None
+    if args.init_image is not None:
+        init_image = hashlib.sha256(args.init_image.read_bytes()).hexdigest()
+    return {
+        "model": str(args.model),
+        "steps": args.steps,
+        "scheduler": args.scheduler,
+        "seed": args.seed,
+        "class_labels": args.class_label if args.class_label is not None else args.class_name,
+        "guidance_scale": args.guidance_scale,
+        "init_image_sha256": init_image,
+        "strength": args.strength,
+    }
+
+
+def _sampling_processes() -> Any:
+    """accelerate's ``PartialState`` when launched as several processes (``accelerate launch``), else ``None``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    from .training import _distributed_without_accelerator
+
+    return PartialState(cpu=_distributed_without_accelerator())
+
+
+def _barrier(state: Any) -> None:
+    if state is not None:
+        state.wait_for_everyone()
 
 
 # ------------------------------------------------------------------------------------------------- push

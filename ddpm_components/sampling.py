@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["SchedulerSpec", "image_seed", "sample_batches"]
+__all__ = ["SampleOutputs", "SchedulerSpec", "image_grid", "image_seed", "png_name", "sample_batches"]
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads consecutive (seed, index) pairs apart
 
@@ -109,19 +111,31 @@ def sample_batches(
     class_label_of: Callable[[int], int | str | None] | None = None,
     guidance_scale: float = 1.0,
     show_progress: bool = True,
+    progress_file: Any = None,
+    **pipeline_kwargs: Any,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Sample the images ``indices`` in batches of ``batch_size``; yield ``(indices, uint8 (N, C, H, W))``.
 
     ``class_label_of(index)`` gives each image's class label (``None``: unconditional); image ``i``'s noise comes
-    from a generator seeded :func:`image_seed` ``(seed, i)``.
+    from a generator seeded :func:`image_seed` ``(seed, i)``. Other keywords go to the pipeline (e.g. ``image`` and
+    ``strength`` for image-to-image: one image, repeated for every index). Progress: a bar over the images when
+    there are several batches (written to ``progress_file``), else the pipeline's own bar over the steps.
     """
     from tqdm.auto import tqdm
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     indices = list(indices)
-    pipeline.set_progress_bar_config(disable=True)
-    bar = tqdm(total=len(indices), desc="sampling", unit="img", disable=not show_progress)
+    several = len(indices) > batch_size  # one bar over the images; else the pipeline's bar over the steps
+    if several or not show_progress:
+        pipeline.set_progress_bar_config(disable=True)
+    bar = tqdm(
+        total=len(indices),
+        desc="sampling",
+        unit="img",
+        disable=not (show_progress and several),
+        file=progress_file,
+    )
     try:
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
@@ -137,8 +151,214 @@ def sample_batches(
                 num_inference_steps=num_inference_steps,
                 output_type="pt",
                 **kwargs,
+                **pipeline_kwargs,
             ).images
             yield chunk, (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
             bar.update(len(chunk))
     finally:
         bar.close()
+
+
+# ---------------------------------------------------------------------------------- resumable sample outputs
+SETTINGS_NAME = "sampling.json"
+_PNG_NAME = re.compile(r"(\d{6})\.png")
+
+
+def png_name(index: int) -> str:
+    """The file name of image ``index`` in a ``--out-dir`` folder: ``000042.png``."""
+    return f"{index:06d}.png"
+
+
+class SampleOutputs:
+    """Where ``ddpm-components sample`` puts its images, and how a rerun resumes.
+
+    - ``out_dir``: one PNG per image (``000000.png``, ...) and ``sampling.json`` (the settings). Images already
+      there are skipped by a rerun with the same settings; other settings are refused; PNGs at our names in a
+      folder without our ``sampling.json`` are never overwritten.
+    - ``out``: a PNG grid or an ``.npz`` (``arr_0``: uint8 ``(N, H, W, C)``, ``arr_1``: the class labels when
+      there are any; the layout FID tools read), written atomically at the end. Without ``out_dir`` the batches
+      go to shards in a hidden folder beside it (``.NAME.shards/``), which a rerun resumes from and the end
+      removes; with ``out_dir`` the PNGs are the shards.
+
+    Every process of a multi-process run writes its own images; the main process assembles ``out``.
+    """
+
+    def __init__(
+        self,
+        out: Path | None,
+        out_dir: Path | None,
+        settings: dict[str, Any],
+        num_images: int,
+        resumable: bool = True,
+    ) -> None:
+        if out is not None and out.suffix.lower() not in (".png", ".npz"):
+            raise ValueError(f"--out must be a .png grid or an .npz file, got {str(out)!r}")
+        self.out, self.out_dir, self.num_images = out, out_dir, num_images
+        self.settings = {key: value for key, value in settings.items() if key != "num_images"}
+        self.shards = None  # one batch in one process (resumable=False) needs none: it is written at the end
+        if out is not None and out_dir is None and resumable:
+            self.shards = out.with_name(f".{out.name}.shards")
+        self._kept: dict[int, Any] = {}  # the images of a run without shards, until finish()
+
+    @property
+    def _record_folder(self) -> Path | None:
+        return self.out_dir if self.out_dir is not None else self.shards
+
+    def check(self) -> None:
+        """Refuse a folder sampled with other settings, or holding PNGs at our names that we did not write."""
+        folder = self._record_folder
+        if folder is None:
+            return
+        record = folder / SETTINGS_NAME
+        if record.is_file():
+            try:
+                previous = json.loads(record.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                raise ValueError(
+                    f"{str(record)!r} is damaged ({error}); delete it or choose another place"
+                ) from None
+            different = sorted(
+                key
+                for key in set(previous) | set(self.settings)
+                if previous.get(key) != self.settings.get(key)
+            )
+            if different:
+                shown = ", ".join(
+                    f"{key}: {previous.get(key)!r} then, {self.settings.get(key)!r} now" for key in different
+                )
+                raise ValueError(
+                    f"{str(folder)!r} holds samples made with other settings ({shown}); rerun with the same settings "
+                    "to resume, or choose another output"
+                )
+        elif self.out_dir is not None and self.out_dir.is_dir():
+            foreign = sorted(path.name for path in self.out_dir.iterdir() if _PNG_NAME.fullmatch(path.name))
+            if foreign:
+                raise ValueError(
+                    f"--out-dir {str(self.out_dir)!r} holds {foreign[0]} and others at the names sample writes, but "
+                    f"no {SETTINGS_NAME} of ours: choose another folder (nothing was overwritten)"
+                )
+
+    def prepare(self) -> None:
+        """(Main process.) Create the folders and record the settings."""
+        from .data import atomic_write_bytes
+
+        folder = self._record_folder
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(self.settings, indent=2, sort_keys=True) + "\n"
+            atomic_write_bytes(folder / SETTINGS_NAME, text.encode("utf-8"))
+
+    def done_indices(self) -> set[int]:
+        """The images already written (by an earlier run with the same settings)."""
+        if self.out_dir is not None:
+            if not self.out_dir.is_dir():
+                return set()
+            return {
+                int(match.group(1))
+                for path in self.out_dir.iterdir()
+                if (match := _PNG_NAME.fullmatch(path.name))
+            }
+        if self.shards is None or not self.shards.is_dir():
+            return set()
+        return {index for indices, _ in self._read_shards() for index in indices.tolist()}
+
+    def todo(self) -> list[int]:
+        done = self.done_indices()
+        return [index for index in range(self.num_images) if index not in done]
+
+    def write(self, indices: list[int], images: torch.Tensor, process_index: int = 0) -> None:
+        """Write one batch (``images`` uint8 ``(N, C, H, W)``) atomically: PNGs, or one shard."""
+        import io
+
+        import numpy as np
+
+        from .data import atomic_write_bytes, save_png
+
+        if self.out_dir is not None:
+            for index, image in zip(indices, _to_pil(images)):
+                save_png(image, self.out_dir / png_name(index))
+        elif self.shards is None:
+            self._kept.update(zip(indices, images))
+        else:
+            buffer = io.BytesIO()
+            np.savez(buffer, indices=np.asarray(indices, dtype=np.int64), images=images.numpy())
+            atomic_write_bytes(self.shards / f"shard-{indices[0]:06d}-{process_index}.npz", buffer.getvalue())
+
+    def _read_shards(self) -> list[tuple[Any, Any]]:
+        import numpy as np
+
+        shards = []
+        for path in sorted(self.shards.glob("shard-*.npz")):
+            with np.load(path) as data:
+                shards.append((data["indices"], data["images"]))
+        return shards
+
+    def _all_images(self) -> torch.Tensor:
+        """Every image 0..N-1 as uint8 ``(N, C, H, W)``, from the PNGs or the shards."""
+        import numpy as np
+        from PIL import Image
+
+        if self.out_dir is not None:
+            arrays = []
+            for index in range(self.num_images):
+                with Image.open(self.out_dir / png_name(index)) as image:
+                    array = np.asarray(image)
+                arrays.append(array[:, :, None] if array.ndim == 2 else array)
+            return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        by_index = dict(self._kept)
+        for indices, images in self._read_shards() if self.shards is not None else []:
+            by_index.update(zip(indices.tolist(), images))
+        missing = [index for index in range(self.num_images) if index not in by_index]
+        if missing:
+            raise RuntimeError(
+                f"images {missing[:5]} were not sampled; rerun the same command to finish them"
+            )
+        return torch.stack([torch.as_tensor(by_index[index]) for index in range(self.num_images)])
+
+    def finish(self, labels: list[Any] | None) -> None:
+        """(Main process, after every process is done.) Assemble ``out`` and remove the shards."""
+        import io
+        import shutil
+
+        import numpy as np
+
+        from .data import atomic_write_bytes, save_png
+
+        if self.out is None:
+            return
+        images = self._all_images()
+        if self.out.suffix.lower() == ".npz":
+            buffer = io.BytesIO()
+            arrays = [images.permute(0, 2, 3, 1).numpy()]
+            if labels is not None:
+                arrays.append(np.asarray(labels))
+            np.savez(buffer, *arrays)
+            atomic_write_bytes(self.out, buffer.getvalue())
+        else:
+            save_png(image_grid(_to_pil(images)), self.out)
+        if self.shards is not None and self.shards.is_dir():
+            shutil.rmtree(self.shards)
+
+
+def _to_pil(images: torch.Tensor) -> list[Any]:
+    from PIL import Image
+
+    arrays = images.permute(0, 2, 3, 1).numpy()
+    return [
+        Image.fromarray(array[:, :, 0], mode="L") if array.shape[2] == 1 else Image.fromarray(array)
+        for array in arrays
+    ]
+
+
+def image_grid(images: list[Any]) -> Any:
+    """The images in a near-square grid, row by row, padded with black tiles."""
+    import math
+
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    blank = Image.new(images[0].mode, images[0].size)
+    grid = make_image_grid(images + [blank] * (rows * columns - len(images)), rows=rows, cols=columns)
+    return grid.convert(images[0].mode)  # make_image_grid pastes onto RGB; keep greyscale greyscale

@@ -27,6 +27,7 @@ from PIL import Image
 
 from ddpm_components import DDPMPipeline, DDPMScheduler, hub
 from ddpm_components.cli import main
+from ddpm_components.sampling import image_seed
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -95,10 +96,10 @@ SAMPLE_CASES = [
         "--out '/proc/ddpm-components-test/x.png': cannot write into '/proc'",
     ),
     (["--out", "afile/x.png"], "--out 'afile/x.png': 'afile' is a file, not a folder"),
-    (["--save-individual", "afile"], "--save-individual 'afile' must be a folder, but it is a file"),
+    (["--save-individual", "afile"], "--out-dir 'afile' must be a folder, but it is a file"),
     (
         ["--save-individual", "afile/each"],
-        "--save-individual 'afile/each' must be a folder, but 'afile' is a file",
+        "--out-dir 'afile/each' must be a folder, but 'afile' is a file",
     ),
     (["--save-individual", "/proc/ddpm-components-test"], "cannot write into '/proc'"),
     (["--init-image", "missing.png"], "--init-image 'missing.png': no such file"),
@@ -158,13 +159,13 @@ def test_individual_file_name_that_is_a_folder_is_refused_before_sampling(
     models, workdir, monkeypatch, capsys
 ):
     _no_model_loading(monkeypatch)
-    (workdir / "each" / "0001.png").mkdir(parents=True)
+    (workdir / "each" / "000001.png").mkdir(parents=True)
     code, err = _cli(
         ["sample", "--model", str(models["unconditional"]), "--num-images", "3", "--save-individual", "each"],
         capsys,
     )
     assert code == 2 and len(err) == 1, err
-    assert "--save-individual 'each': 'each/0001.png' is a folder; it would be written as a file" in err[0]
+    assert "--out-dir 'each': 'each/000001.png' is a folder; it would be written as a file" in err[0]
 
 
 FORWARD_CASES = [
@@ -332,7 +333,7 @@ def test_a_bug_is_one_line_that_says_how_to_see_the_traceback(models, workdir, m
     def broken(*args, **kwargs):
         raise TypeError("unsupported operand type(s)\nsecond line")
 
-    monkeypatch.setattr("ddpm_components.cli._image_grid", broken)
+    monkeypatch.setattr("ddpm_components.sampling.image_grid", broken)
     args = ["sample", "--model", str(models["unconditional"]), "--num-images", "1", "--steps", "1"]
     code, err = _cli(args, capsys, progress=True)
     assert code == 1 and len(err) == 1, err
@@ -475,7 +476,7 @@ def test_init_image_goes_through_the_one_image_path(models, workdir):
                      "--init-image", file, "--strength", "0.5", "--out", "got.png"]) == 0  # fmt: skip
         expected = pipeline(
             batch_size=1,
-            generator=torch.Generator().manual_seed(3),
+            generator=[torch.Generator().manual_seed(image_seed(3, 0))],  # image i is seeded by (seed, i)
             num_inference_steps=4,
             image=Image.new("L", (8, 8), grey),
             strength=0.5,

@@ -14,6 +14,7 @@ from PIL import Image
 
 from ddpm_components import DDPMPipeline
 from ddpm_components.cli import main
+from ddpm_components.sampling import image_seed
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -26,6 +27,10 @@ def saved_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"unconditional": root / "unconditional", "conditional": root / "conditional"}
 
 
+def _image_generators(seed: int, count: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(image_seed(seed, index)) for index in range(count)]
+
+
 def test_sample_writes_grid_and_individual_images(saved_models, tmp_path: Path, capsys):
     out, individual = tmp_path / "grid.png", tmp_path / "each"
     args = ["sample", "--model", str(saved_models["unconditional"]), "--num-images", "3", "--steps", "5"]
@@ -33,14 +38,13 @@ def test_sample_writes_grid_and_individual_images(saved_models, tmp_path: Path, 
     assert "wrote" in capsys.readouterr().out
     grid = Image.open(out)
     assert grid.size == (16, 16)  # 3 images in a 2 x 2 grid of 8 x 8 pixels
-    files = sorted(individual.iterdir())
-    assert [f.name for f in files] == ["0000.png", "0001.png", "0002.png"]
-    # the images are the pipeline's own for that seed, and they sit in the grid row by row
+    files = sorted(individual.glob("*.png"))
+    assert [f.name for f in files] == ["000000.png", "000001.png", "000002.png"]
+    assert (individual / "sampling.json").is_file()  # the settings, for resuming
+    # the images are the pipeline's own for per-image seeds (seed, i), and they sit in the grid row by row
     pipeline = DDPMPipeline.from_pretrained(saved_models["unconditional"])
     pipeline.set_progress_bar_config(disable=True)
-    expected = pipeline(
-        batch_size=3, generator=torch.Generator().manual_seed(1), num_inference_steps=5
-    ).images
+    expected = pipeline(batch_size=3, generator=_image_generators(1, 3), num_inference_steps=5).images
     grid_pixels = np.asarray(grid)
     for index, (file, image) in enumerate(zip(files, expected)):
         np.testing.assert_array_equal(np.asarray(Image.open(file)), np.asarray(image))
@@ -78,7 +82,7 @@ def test_sample_class_labels_guidance_and_init_image(saved_models, tmp_path: Pat
     for strength, same in ((0.7, True), (0.25, False)):
         expected = pipeline(
             batch_size=2,
-            generator=torch.Generator().manual_seed(0),
+            generator=_image_generators(0, 2),
             num_inference_steps=4,
             image=grey,
             strength=strength,
@@ -93,10 +97,10 @@ def test_sample_class_labels_guidance_and_init_image(saved_models, tmp_path: Pat
     ("extra", "message"),
     [
         (["--class-label", "1"], "this U-Net is unconditional"),
-        (["--class-label", "0", "1", "0"], "got 3 labels"),
+        (["--class-label", "0", "1", "0"], "got 3 class labels for --num-images 2"),
         (["--strength", "0.5"], "--strength only applies to image-to-image: pass --init-image"),
         (["--init-image", "missing.png"], "--init-image 'missing.png': no such file"),
-        (["--out", "grid.jpg"], "--out must be a .png file"),
+        (["--out", "grid.jpg"], "--out must be a .png grid or an .npz file"),
         (["--device", "nonsense"], "--device 'nonsense' is not a torch device"),
     ],
 )
