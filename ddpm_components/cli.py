@@ -251,7 +251,7 @@ def _run_train(args: argparse.Namespace) -> int:
     (130 / 143), each with one line on stderr; bad options, data, folders or checkpoints raise ValueError (2)."""
     import dataclasses
 
-    from .training import TrainingConfig, TrainingDiverged, TrainingInterrupted, train
+    from .training import TrainingConfig, TrainingDiverged, TrainingInterrupted, evaluation_steps, train
 
     names = [item.name for item in dataclasses.fields(TrainingConfig)]
     config = TrainingConfig(**{name: getattr(args, name) for name in names})
@@ -275,6 +275,18 @@ def _run_train(args: argparse.Namespace) -> int:
             f"(last loss {summary['loss']:.4f}); pipeline, samples.png, training_config.json and "
             f"metrics.jsonl are in {summary['output_dir']}"
         )
+        evaluation = summary.get("evaluation") or {}
+        if evaluation:
+            parts = []
+            if "eval_fd" in evaluation:
+                steps, _ = evaluation_steps(config)
+                parts.append(
+                    f"digits FD {evaluation['eval_fd']:.2f} ({config.eval_num_samples} samples, {steps} steps)"
+                )
+            parts.append(
+                f"bits/dim {evaluation['eval_bpd']:.3f} ± {evaluation['eval_bpd_stderr']:.3f} (estimate)"
+            )
+            print("evaluation: " + "; ".join(parts) + " (ddpm-components evaluate measures more)")
     return 0
 
 

@@ -727,6 +727,7 @@ class DDPMPipeline(DiffusionPipeline):
         training_config: dict | None = None,
         layout: SaveLayout = "auto",
         sample_grid: Any = None,
+        evaluation: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         """Save the pipeline to a folder, crash-safely, in a layout that loads where ddpm-components is absent.
@@ -758,6 +759,8 @@ class DDPMPipeline(DiffusionPipeline):
                 card shows :func:`published_training_config` of it (no local paths).
             layout: ``"auto"``, ``"remote_code"`` or ``"diffusers"`` (see above).
             sample_grid: an optional PIL image saved as ``samples.png`` and shown in the model card.
+            evaluation: optional measured numbers for the model card's "Evaluation" table (``{what: value}``,
+                e.g. ``{"digits FD, 200 samples, 100 steps": "4.81"}``).
         """
         _check_choice("layout", layout, get_args(SaveLayout))
         target = check_save_directory(save_directory)
@@ -773,6 +776,7 @@ class DDPMPipeline(DiffusionPipeline):
                 training_config=training_config,
                 layout=layout,
                 sample_grid=sample_grid,
+                evaluation=evaluation,
                 repo_id=kwargs.get("repo_id") or target.name,
             )
             _commit_staged_save(target, staging)
@@ -781,7 +785,12 @@ class DDPMPipeline(DiffusionPipeline):
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", target.name)
             self.push_to_hub(
-                repo_id, training_config=training_config, layout=layout, sample_grid=sample_grid, **kwargs
+                repo_id,
+                training_config=training_config,
+                layout=layout,
+                sample_grid=sample_grid,
+                evaluation=evaluation,
+                **kwargs,
             )
 
     def _write_pipeline_files(
@@ -794,6 +803,7 @@ class DDPMPipeline(DiffusionPipeline):
         training_config: dict | None,
         layout: SaveLayout,
         sample_grid: Any,
+        evaluation: dict[str, str] | None,
         repo_id: str,
     ) -> None:
         """Write every file of a save into the empty ``folder`` (diffusers' files, our layout, the card)."""
@@ -815,6 +825,7 @@ class DDPMPipeline(DiffusionPipeline):
             remote_code=remote,
             training_config=None if training_config is None else published_training_config(training_config),
             has_grid=sample_grid is not None,
+            evaluation=evaluation,
         )
         _write_text(folder / "README.md", card)
 
@@ -844,7 +855,12 @@ class DDPMPipeline(DiffusionPipeline):
 
     # -------------------------------------------------------------------------------- model card
     def _model_card(
-        self, repo_id: str, remote_code: bool, training_config: dict | None, has_grid: bool
+        self,
+        repo_id: str,
+        remote_code: bool,
+        training_config: dict | None,
+        has_grid: bool,
+        evaluation: dict[str, str] | None = None,
     ) -> str:
         """The model card (README.md): YAML metadata, samples, how to load, the model and training setup."""
         from diffusers.utils.hub_utils import ModelCardData
@@ -915,6 +931,10 @@ class DDPMPipeline(DiffusionPipeline):
             if key in scheduler_config:
                 lines.append(f"| {key} | `{scheduler_config[key]}` |")
         lines.append("")
+        if evaluation:
+            lines += ["## Evaluation", "", "| measured | value |", "|---|---|"]
+            lines += [f"| {what} | {value} |" for what, value in evaluation.items()]
+            lines.append("")
         if training_config is not None:
             lines += [
                 "## Training configuration",
@@ -940,6 +960,7 @@ class DDPMPipeline(DiffusionPipeline):
         training_config: dict | None = None,
         layout: SaveLayout = "auto",
         sample_grid: Any = None,
+        evaluation: dict[str, str] | None = None,
         num_sample_images: int = 16,
         sample_inference_steps: int | None = None,
         sample_seed: int = 0,
@@ -978,6 +999,7 @@ class DDPMPipeline(DiffusionPipeline):
                 else published_training_config(training_config),
                 layout=layout,
                 sample_grid=sample_grid,
+                evaluation=evaluation,
                 repo_id=repo_id,
             )
             try:

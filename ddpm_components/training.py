@@ -286,6 +286,35 @@ class TrainingConfig:
         default=0, metadata={"help": "write a sample grid every N optimizer steps (0: only at the end)"}
     )
     num_inference_steps: int = field(default=1000, metadata={"help": "denoising steps for the sample grids"})
+    evaluate: bool = field(
+        default=True,
+        metadata={
+            "help": "evaluate the final EMA model (ddpm_components.evaluation): a bits/dim estimate on held-out data "
+            "and, on the embedded digits, the digits FD of --eval-num-samples samples; printed, logged to "
+            "metrics.jsonl and written into the model card"
+        },
+    )
+    eval_every_steps: int = field(
+        default=0,
+        metadata={"help": "also evaluate every N optimizer steps during training (0: only at the end)"},
+    )
+    eval_num_samples: int = field(
+        default=200, metadata={"help": "samples for the digits FD of an evaluation"}
+    )
+    eval_inference_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "denoising steps of the evaluation's samples with the model's own scheduler (default: "
+            "min(100, num_train_timesteps))"
+        },
+    )
+    eval_bpd_timesteps: int | None = field(
+        default=None,
+        metadata={
+            "help": "K: the evaluation's bits/dim is the unbiased estimate from K stratified timesteps per image "
+            "(default: min(20, num_train_timesteps); ddpm-components evaluate runs the full chain)"
+        },
+    )
     samples_per_class: int = field(
         default=10, metadata={"help": "grid columns per class (class-conditional) ..."}
     )
@@ -332,10 +361,15 @@ class TrainingConfig:
         self._validate_rates()
         if self.block_out_channels is not None:
             parse_channels(self.block_out_channels)
-        if self.num_inference_steps > self.num_train_timesteps:
+        for name in ("num_inference_steps", "eval_inference_steps", "eval_bpd_timesteps"):
+            if getattr(self, name) is not None and getattr(self, name) > self.num_train_timesteps:
+                raise ValueError(
+                    f"{name} ({getattr(self, name)}) must be at most num_train_timesteps "
+                    f"({self.num_train_timesteps}): sampling and the bits/dim estimate use at most T steps"
+                )
+        if self.eval_num_samples < 2:
             raise ValueError(
-                f"num_inference_steps ({self.num_inference_steps}) must be at most num_train_timesteps "
-                f"({self.num_train_timesteps}): the sample grids denoise with at most T steps"
+                f"eval_num_samples must be at least 2 (a Fréchet distance), got {self.eval_num_samples}"
             )
         if self.guidance_scale != 1.0 and self.conditioning == "none":
             raise ValueError(
@@ -358,6 +392,10 @@ class TrainingConfig:
             "num_train_timesteps",
         ]
         positive += ["num_inference_steps", "samples_per_class", "num_samples", "logging_steps"]
+        positive += ["eval_num_samples"]
+        positive += [
+            name for name in ("eval_inference_steps", "eval_bpd_timesteps") if getattr(self, name) is not None
+        ]
         positive += [
             name
             for name in ("resolution", "cpu_threads", "layers_per_block")
@@ -370,6 +408,7 @@ class TrainingConfig:
             "lr_warmup_steps",
             "checkpointing_steps",
             "sample_every_steps",
+            "eval_every_steps",
             "dataloader_num_workers",
         ]
         if self.checkpoints_total_limit is not None:
@@ -1043,6 +1082,91 @@ def sample_grid(
     return make_image_grid(_for_viewing(images), rows=rows, cols=cols)
 
 
+# ----------------------------------------------------------------------------------------- evaluation
+def evaluate_during_training(
+    unet: Any,
+    scheduler: Any,
+    config: TrainingConfig,
+    dataset: Any,
+    num_classes: int | None,
+    device: torch.device,
+    stop: Callable[[], bool] | None = None,
+) -> dict[str, float]:
+    """The numbers of an evaluation during (or at the end of) training, for the EMA ``unet``.
+
+    - ``eval_bpd`` (± ``eval_bpd_stderr``): the unbiased K-timestep estimate of the bits/dim bound
+      (:func:`~ddpm_components.evaluation.bits_per_dim_estimate`, K = ``eval_bpd_timesteps``) on the digits'
+      held-out test split, or on up to 256 training images of a folder (then a training-set number);
+    - ``eval_fd``: on 8×8 digits only, the digits FD of ``eval_num_samples`` samples (balanced class labels for a
+      class-conditional model; ``eval_inference_steps`` steps of the model's own scheduler) against the test split.
+    """
+    import torch
+
+    from .data import DigitsDataset
+    from .evaluation import bits_per_dim_estimate, digits_fd, reference_digits
+    from .pipeline_ddpm import DDPMPipeline
+    from .sampling import sample_batches
+
+    digits = isinstance(dataset, DigitsDataset) and dataset.resolution == 8
+    if digits:
+        images, labels = reference_digits("test")
+    else:
+        count = min(len(dataset), 256)
+        items = [dataset[index] for index in range(count)]
+        images = torch.stack([item["pixel_values"] for item in items])
+        labels = torch.stack([torch.as_tensor(item["class_labels"]) for item in items])
+    images = images.to(device)
+    steps, timesteps = evaluation_steps(config)
+    generator = torch.Generator().manual_seed(config.seed)
+    bound = bits_per_dim_estimate(
+        unet,
+        scheduler,
+        images,
+        labels if num_classes is not None else None,
+        num_timesteps=timesteps,
+        generator=generator,
+    )
+    numbers = {"eval_bpd": bound.total, "eval_bpd_stderr": bound.stderr}
+    if digits and (stop is None or not stop()):
+        pipeline = DDPMPipeline(unet=unet, scheduler=scheduler)
+        batches = sample_batches(
+            pipeline,
+            range(config.eval_num_samples),
+            seed=config.seed,
+            num_inference_steps=steps,
+            batch_size=min(config.eval_num_samples, 250),
+            class_label_of=None if num_classes is None else (lambda index: index % num_classes),
+            show_progress=False,
+            callback_on_step_end=None if stop is None else _stop_sampling_when(stop),
+        )
+        samples = torch.cat([images_uint8 for _, images_uint8 in batches])
+        if stop is None or not stop():
+            numbers["eval_fd"] = digits_fd(samples.float() / 127.5 - 1.0, images.cpu())
+    return numbers
+
+
+def evaluation_steps(config: TrainingConfig) -> tuple[int, int]:
+    """``(eval_inference_steps, eval_bpd_timesteps)`` with their defaults min(100, T) and min(20, T) filled in."""
+    steps = config.eval_inference_steps or min(100, config.num_train_timesteps)
+    return steps, config.eval_bpd_timesteps or min(20, config.num_train_timesteps)
+
+
+def _evaluation_for_card(config: TrainingConfig, numbers: dict[str, float]) -> dict[str, str]:
+    """The final evaluation as model-card rows: what was measured, and how."""
+    rows = {}
+    steps, timesteps = evaluation_steps(config)
+    data = "the digits' held-out test split" if config.train_data_dir is None else "training images"
+    if "eval_fd" in numbers:
+        rows[
+            f"digits FD, {config.eval_num_samples} samples, {steps} steps of the model's scheduler, vs the digits' "
+            "held-out test split (lower is better)"
+        ] = f"{numbers['eval_fd']:.2f}"
+    rows[f"bits/dim on {data} (unbiased estimate from {timesteps} timesteps per image)"] = (
+        f"{numbers['eval_bpd']:.3f} ± {numbers['eval_bpd_stderr']:.3f}"
+    )
+    return rows
+
+
 def _stop_sampling_when(stop: Callable[[], bool]) -> Callable[..., dict]:
     """A pipeline step-end callback that ends sampling after the step at which ``stop()`` is True."""
 
@@ -1513,6 +1637,12 @@ class _TrainLoop:
                 and step < config.max_train_steps
             ):
                 self.sample(step)
+            if (
+                config.eval_every_steps
+                and step % config.eval_every_steps == 0
+                and step < config.max_train_steps
+            ):
+                self.evaluate(step)
         self.bar.close()
 
     def run_step(self, micro_step: int, batch: dict[str, torch.Tensor]) -> bool:
@@ -1642,6 +1772,31 @@ class _TrainLoop:
             save_png(grid, self.output_dir / SAMPLES_FOLDER / f"step-{step:07d}.png")
         self.accelerator.wait_for_everyone()
 
+    # -------------------------------------------------------------------------------- evaluate
+    def evaluate(self, step: int) -> dict[str, float]:
+        """(Main process.) The EMA model's bits/dim estimate on held-out data and, on the digits, its digits FD:
+        logged to metrics.jsonl, the trackers and the bar; interruptible after any denoising step."""
+        numbers: dict[str, float] = {}
+        if self.is_main:
+            numbers = evaluate_during_training(
+                _ema_unet(self.accelerator, self.model, self.ema),
+                self.scheduler,
+                self.config,
+                self.dataset,
+                self.num_classes,
+                self.accelerator.device,
+                self.stop.requested,
+            )
+            self.stop.raise_if_requested()  # an unfinished evaluation is not logged
+            _append_json_line(self.output_dir / METRICS_NAME, {"step": step, **numbers})
+            self.accelerator.log(numbers, step=step)
+            shown = ", ".join(
+                f"{name} {value:.3f}" for name, value in numbers.items() if not name.endswith("_stderr")
+            )
+            self.bar.write(f"step {step}: {shown}")
+        self.accelerator.wait_for_everyone()
+        return numbers
+
     # ---------------------------------------------------------------------------------- finish
     def finish(self) -> dict[str, Any]:
         """Check the final weights, sample the final grid, save the pipeline (and push it)."""
@@ -1653,6 +1808,10 @@ class _TrainLoop:
             self._record_checksums()
         self.check_finite(step)
         accelerator.wait_for_everyone()
+        evaluation = None
+        if config.evaluate:
+            self.phase = "the final evaluation"
+            evaluation = self.evaluate(step)
         if self.is_main:
             for tracker in accelerator.trackers:  # flush and close the logs before the save
                 tracker.finish()
@@ -1676,12 +1835,19 @@ class _TrainLoop:
             self.phase = "the save"
             pipeline = DDPMPipeline(unet=final_unet, scheduler=self.scheduler)
             shared = shareable_config(config, self.run_id)
-            pipeline.save_pretrained(str(self.output_dir), training_config=shared, sample_grid=grid)
+            card_numbers = _evaluation_for_card(config, evaluation) if evaluation else None
+            pipeline.save_pretrained(
+                str(self.output_dir), training_config=shared, sample_grid=grid, evaluation=card_numbers
+            )
             if config.push_to_hub:
                 self.phase = "the push"
                 self.stop.raise_if_requested()
                 url = pipeline.push_to_hub(
-                    config.hub_model_id, private=config.hub_private, training_config=shared, sample_grid=grid
+                    config.hub_model_id,
+                    private=config.hub_private,
+                    training_config=shared,
+                    sample_grid=grid,
+                    evaluation=card_numbers,
                 )
                 accelerator.print(f"pushed to {url}")
         accelerator.wait_for_everyone()
@@ -1691,6 +1857,7 @@ class _TrainLoop:
             "output_dir": str(config.output_dir),
             "wall_time": time.perf_counter() - self.started,
             "is_main_process": self.is_main,
+            "evaluation": evaluation,
         }
 
     def close(self) -> None:

@@ -141,6 +141,7 @@ TINY_TRAINING = dict(
     logging_steps=1,
     lr_scheduler="constant",
     num_train_timesteps=50,
+    evaluate=False,  # tests of the evaluation turn it on
 )
 
 

@@ -433,3 +433,31 @@ def test_resume_from_a_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train(tiny_config(tmp_path / "out", resume=str(tmp_path / "checkpoint-7")))
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluation_during_and_after_training(tmp_path, capsys):
+    """--eval-every-steps logs the digits FD and a bits/dim estimate to metrics.jsonl; the final numbers are printed
+    and go into the model card with how they were measured."""
+    folder = tmp_path / "run"
+    flags = ["--block-out-channels", "8,16", "--layers-per-block", "1", "--train-batch-size", "16"]
+    flags += ["--num-inference-steps", "2", "--samples-per-class", "1", "--num-train-timesteps", "50"]
+    flags += ["--max-train-steps", "4", "--eval-every-steps", "2", "--eval-num-samples", "20"]
+    flags += ["--eval-inference-steps", "5", "--eval-bpd-timesteps", "3", "--checkpointing-steps", "0"]
+    assert main(["train", "--output-dir", str(folder), *flags]) == 0
+    printed = capsys.readouterr().out
+    assert "evaluation: digits FD" in printed and "(20 samples, 5 steps)" in printed and "bits/dim" in printed
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [record for record in records if "eval_fd" in record]
+    assert [record["step"] for record in evaluations] == [2, 4]
+    for record in evaluations:
+        assert record["eval_fd"] > 0 and record["eval_bpd"] > 0 and record["eval_bpd_stderr"] >= 0
+    card = (folder / "README.md").read_text()
+    assert "## Evaluation" in card and "digits FD, 20 samples, 5 steps of the model's scheduler" in card
+    assert f"{evaluations[-1]['eval_fd']:.2f}" in card
+    assert (
+        "bits/dim on the digits' held-out test split (unbiased estimate from 3 timesteps per image)" in card
+    )
+    with pytest.raises(
+        ValueError, match=r"eval_inference_steps \(60\) must be at most num_train_timesteps \(50\)"
+    ):
+        TrainingConfig(**{**TINY, "evaluate": True, "eval_inference_steps": 60})

@@ -17,6 +17,7 @@ import pytest
 from ddpm_components.training import list_checkpoints
 
 TINY_FLAGS = [
+    "--no-evaluate",
     *("--block-out-channels", "8,16", "--layers-per-block", "1", "--num-train-timesteps", "50"),
     *(
         "--num-inference-steps",

@@ -37,6 +37,7 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 TINY = TINY_TRAINING
 TINY_ARGS = [
+    "--no-evaluate",
     *("--block-out-channels", "8,16", "--layers-per-block", "1", "--train-batch-size", "16"),
     *("--num-inference-steps", "2", "--samples-per-class", "1", "--lr-warmup-steps", "0"),
     *("--num-train-timesteps", "50", "--logging-steps", "1"),

@@ -25,6 +25,7 @@ from ddpm_components.training import list_checkpoints
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 TINY_FLAGS = [
+    "--no-evaluate",
     *("--block-out-channels", "8,16", "--layers-per-block", "1", "--train-batch-size", "8"),
     *(
         "--num-inference-steps",
