@@ -147,9 +147,9 @@ def images_to_tensor(image: Any, num_channels: int) -> torch.Tensor:
 
     - PIL images, any mode (through :func:`standardize_pil_image`);
     - numpy arrays ``(H, W)``, ``(H, W, C)`` or ``(N, H, W, C)``, channels last: ``uint8`` in [0, 255],
-      ``uint16`` in [0, 65535], floats in [0, 1] (or in [-1, 1] when any value is negative);
+      ``uint16`` in [0, 65535], floats in [0, 1] (or in [-1, 1] when any value is below -0.001);
     - torch tensors ``(C, H, W)`` or ``(N, C, H, W)``, channels first: ``uint8`` in [0, 255], floats in
-      [0, 1] (or in [-1, 1] when any value is negative), diffusers' convention.
+      [0, 1] (or in [-1, 1] when any value is below -0.001: diffusers' convention, with room for rounding).
 
     C may be 1, 3, or 2 / 4 with alpha last (composited on :data:`ALPHA_BACKGROUND`); 3 channels become 1
     with PIL's luma weights, 1 becomes 3 by repetition. Anything else (another dtype, a float image in
@@ -211,7 +211,9 @@ def _one_image_to_tensor(image: Any, num_channels: int) -> torch.Tensor:
         if not bool(torch.isfinite(unit).all()):
             raise ValueError(f"the image ({kind}) holds NaN or infinite values")
         low, high = float(unit.min()), float(unit.max())
-        if low < 0:  # [-1, 1]
+        if (
+            low < -_RANGE_TOLERANCE
+        ):  # [-1, 1]; a value just below 0 (resampling overshoot) is [0, 1]'s rounding
             if low < -1 - _RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
                 raise ValueError(
                     f"the image ({kind}) has values in [{low:.4g}, {high:.4g}]; float images must lie in [0, 1] or "
@@ -728,6 +730,7 @@ class DDPMPipeline(DiffusionPipeline):
         layout: SaveLayout = "auto",
         sample_grid: Any = None,
         evaluation: dict[str, str] | None = None,
+        overwrite: bool = False,
         **kwargs: Any,
     ) -> None:
         """Save the pipeline to a folder, crash-safely, in a layout that loads where ddpm-components is absent.
@@ -761,6 +764,9 @@ class DDPMPipeline(DiffusionPipeline):
             sample_grid: an optional PIL image saved as ``samples.png`` and shown in the model card.
             evaluation: optional measured numbers for the model card's "Evaluation" table (``{what: value}``,
                 e.g. ``{"digits FD, 200 samples, 100 steps": "4.81"}``).
+            overwrite: replace files at the names this save writes (``README.md``, ``model_index.json``, ...)
+                that no earlier save of ours wrote; by default such files of yours are a ``ValueError`` and
+                nothing is changed (files listed in the folder's save manifest are ours and always replaced).
         """
         _check_choice("layout", layout, get_args(SaveLayout))
         target = check_save_directory(save_directory)
@@ -779,7 +785,7 @@ class DDPMPipeline(DiffusionPipeline):
                 evaluation=evaluation,
                 repo_id=kwargs.get("repo_id") or target.name,
             )
-            _commit_staged_save(target, staging)
+            _commit_staged_save(target, staging, overwrite)
         finally:
             _discard_uncommitted_staging(target, staging)
         if push_to_hub:
@@ -1046,8 +1052,10 @@ class DDPMPipeline(DiffusionPipeline):
         which needs ``trust_remote_code=True``. Components passed as keywords (``scheduler=...``) are used as is.
 
         A folder whose last save was interrupted is refused with a ``ValueError`` that says how to repair it
-        (see :func:`check_not_interrupted`).
+        (see :func:`check_not_interrupted`). Weights load from safetensors only: pickle files (``.bin``) need an
+        explicit ``use_safetensors=False`` (loading a pickle can run code).
         """
+        kwargs.setdefault("use_safetensors", True)
         source = str(pretrained_model_name_or_path)
         folder = Path(source)
         if not folder.is_dir():
@@ -1151,8 +1159,9 @@ def check_save_directory(save_directory: str | os.PathLike) -> Path:
     (or, if it does not exist yet, its nearest existing parent) cannot be written.
     """
     target = Path(os.path.abspath(os.fspath(save_directory)))  # "out/../out" -> "out"
-    working_directory = Path.cwd()
-    if target == working_directory or target in working_directory.parents:
+    working_directory = Path.cwd().resolve()
+    resolved = target.resolve()  # a symbolic link to the working folder (or a parent) is that folder
+    if resolved == working_directory or resolved in working_directory.parents:
         raise ValueError(
             f"save_directory={str(save_directory)!r} is the current folder or one of its parents; pass a folder of "
             "its own, e.g. './my-ddpm'"
@@ -1294,17 +1303,25 @@ def repair_interrupted_save(folder: str | os.PathLike) -> list[str]:
     return done + _remove_stale_temporary_files(target)
 
 
-def _commit_staged_save(target: Path, staging: Path) -> None:
+def _commit_staged_save(target: Path, staging: Path, overwrite: bool = False) -> None:
     """Move the complete save in ``staging`` (a folder inside ``target``) into ``target`` (steps 2-6 above)."""
     files = sorted(path.relative_to(staging).as_posix() for path in staging.rglob("*") if path.is_file())
     _check_destinations(target, staging, files)
+    # an interrupted save that could not be finished (repair_interrupted_save ran first): its files are ours too
+    pending = _read_save_record(target)
+    previous = set(saved_pipeline_files(target)) | set(pending["files"] if pending else ())
+    foreign = [name for name in files if name not in previous and os.path.lexists(target / name)]
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ValueError(
+            f"save_directory={str(target)!r} holds {shown}, at names this save writes, which no earlier save of "
+            "ddpm-components wrote (no save manifest lists them); move them away, choose another folder, or pass "
+            "overwrite=True to replace them (nothing was changed)"
+        )
     for name in files:
         _fsync_file(staging / name)
     for path in {(staging / name).parent for name in files}:
         _fsync_directory(path)
-    # an interrupted save that could not be finished (repair_interrupted_save ran first): its files are ours too
-    pending = _read_save_record(target)
-    previous = set(saved_pipeline_files(target)) | set(pending["files"] if pending else ())
     record = {"staging": staging.name, "files": files, "previous": sorted(previous)}
     _write_text(target / SAVE_IN_PROGRESS_NAME, json.dumps(record, indent=2) + "\n")
     _fsync_directory(target)

@@ -496,15 +496,18 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         if trained_betas is not None:
             # the config is saved as JSON, which holds no tensors nor numpy float32 values: keep Python floats
             self.register_to_config(trained_betas=betas.tolist())
-        if rescale_betas_zero_snr:
-            betas = _rescale_zero_terminal_snr(betas)
-        if not bool(((betas > 0) & (betas <= 1)).all()):
+        # β_t = 1 makes ᾱ_T = 0 and x_0 = x_t / √ᾱ_t divide by zero (NaN samples): only the zero-terminal-SNR
+        # rescaling below sets it, on purpose, and handles it
+        if not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError(
-                f"betas must lie in (0, 1], but beta_schedule={beta_schedule!r} with beta_start={beta_start!r}, "
+                f"betas must lie in (0, 1), but beta_schedule={beta_schedule!r} with beta_start={beta_start!r}, "
                 f"beta_end={beta_end!r}{' and trained_betas' if trained_betas is not None else ''} gives betas in "
                 f"[{betas.min().item():.6g}, {betas.max().item():.6g}]; choose beta_start and beta_end with "
-                "0 < beta_start <= beta_end <= 1 (or trained_betas in (0, 1])."
+                "0 < beta_start <= beta_end < 1 (or trained_betas in (0, 1)), or rescale_betas_zero_snr=True for "
+                "a terminal ᾱ_T = 0."
             )
+        if rescale_betas_zero_snr:
+            betas = _rescale_zero_terminal_snr(betas)
 
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self._betas64 = betas

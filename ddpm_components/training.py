@@ -1416,6 +1416,13 @@ class _TrainLoop:
             self.output_dir = check_save_directory(config.output_dir)
         except ValueError as error:
             raise ValueError(f"--output-dir: {error}") from None
+        if config.train_data_dir is not None:
+            data = Path(config.train_data_dir).resolve()
+            if self.output_dir.resolve() == data or data in self.output_dir.resolve().parents:
+                raise ValueError(
+                    f"--output-dir {config.output_dir!r} lies in --train-data-dir {config.train_data_dir!r}: the run's "
+                    "sample grids would become training images (and a new class); choose an output folder outside it"
+                )
         self.accelerator = accelerator = _build_accelerator(config, self.output_dir)
         if accelerator.num_processes > 1:
             self.stop.release()  # the launcher signals every rank; ranks must not stop at different steps
@@ -1836,8 +1843,14 @@ class _TrainLoop:
             pipeline = DDPMPipeline(unet=final_unet, scheduler=self.scheduler)
             shared = shareable_config(config, self.run_id)
             card_numbers = _evaluation_for_card(config, evaluation) if evaluation else None
+            # overwrite=True: this run's own training_config.json is not in a save manifest yet, and the folder was
+            # checked before training for files at our names that ddpm-components did not write
             pipeline.save_pretrained(
-                str(self.output_dir), training_config=shared, sample_grid=grid, evaluation=card_numbers
+                str(self.output_dir),
+                training_config=shared,
+                sample_grid=grid,
+                evaluation=card_numbers,
+                overwrite=True,
             )
             if config.push_to_hub:
                 self.phase = "the push"

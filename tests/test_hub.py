@@ -17,11 +17,16 @@ import torch
 from conftest import DUMMY_TOKEN, hub_env, tiny_pipeline
 from PIL import Image
 
+from ddpm_components.sampling import image_seed, png_name
+
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+# one generator per image, seeded as `ddpm-components sample --seed 0` seeds image i: (0, i)
+IMAGE_SEEDS = [image_seed(0, index) for index in range(2)]
 SAMPLE_CALL = (
-    "batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=8, output_type='np'"
+    f"batch_size=2, generator=[torch.Generator().manual_seed(s) for s in {IMAGE_SEEDS}], num_inference_steps=8, "
+    "output_type='np'"
 )
 GUIDED = "class_labels=[1, 2], guidance_scale=2.5"
 
@@ -41,8 +46,8 @@ def test_push_then_load_without_the_package(tmp_path: Path, hub_server, run_pyth
     pipeline.save_pretrained(local, training_config={"learning_rate": 2e-4, "dataset": "digits"})
     pipeline.set_progress_bar_config(disable=True)
     expected = pipeline(
-        batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=8, output_type="np",
-        class_labels=[1, 2], guidance_scale=2.5,
+        batch_size=2, generator=[torch.Generator().manual_seed(s) for s in IMAGE_SEEDS], num_inference_steps=8,
+        output_type="np", class_labels=[1, 2], guidance_scale=2.5,
     ).images  # fmt: skip
     digest = _tree_digest(local)
 
@@ -177,7 +182,7 @@ def test_push_then_load_without_the_package(tmp_path: Path, hub_server, run_pyth
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
     # the CLI sampled the same images from the Hub (PNG: 8-bit rounding of the same floats)
     for index in range(2):
-        png = np.asarray(Image.open(tmp_path / "from_hub" / f"{index:04d}.png"), dtype=np.float32) / 255
+        png = np.asarray(Image.open(tmp_path / "from_hub" / png_name(index)), dtype=np.float32) / 255
         np.testing.assert_allclose(png, expected[index, ..., 0], atol=1 / 255 + 1e-6, rtol=0)
 
 

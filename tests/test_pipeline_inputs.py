@@ -106,3 +106,16 @@ def test_a_non_finite_result_is_an_error_checked_once_at_the_end():
         unclipped.unet.conv_out.bias.fill_(math.inf)
     with pytest.raises(FloatingPointError, match="in 1 of 1 images"):
         unclipped(num_inference_steps=2, output_type="np")
+
+
+def test_a_float_image_just_below_zero_is_read_as_zero_to_one():
+    """Resampling overshoot (-1e-4) does not turn a [0, 1] image into a [-1, 1] one (0.2 grey stays 0.2)."""
+    from ddpm_components.pipeline_ddpm import images_to_tensor
+
+    image = torch.full((1, 1, 8, 8), 0.2)
+    image[0, 0, 0, 0] = -1e-4
+    pixels = images_to_tensor(image, 1)
+    torch.testing.assert_close(pixels[0, 0, 1, 1], torch.tensor(0.2 * 2 - 1), atol=1e-6, rtol=0)
+    minus = torch.full((1, 1, 8, 8), 0.2)
+    minus[0, 0, 0, 0] = -0.5  # clearly [-1, 1]
+    torch.testing.assert_close(images_to_tensor(minus, 1)[0, 0, 1, 1], torch.tensor(0.2), atol=1e-6, rtol=0)

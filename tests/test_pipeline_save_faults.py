@@ -530,3 +530,47 @@ def test_a_killed_save_leaves_a_folder_that_loads_or_refuses_and_is_repaired(tmp
         assert type(DDPMPipeline.from_pretrained(folder).unet).__name__ == "DDPMUNet2DModel"
         assert (folder / "checkpoint-5" / "model.safetensors").read_bytes() == b"step 5"
         assert _mode(folder) == FOLDER_MODE
+
+
+def test_a_link_to_the_working_folder_is_the_working_folder(tmp_path, monkeypatch):
+    from ddpm_components.pipeline_ddpm import check_save_directory
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    os.symlink(tmp_path / "work", tmp_path / "work" / "selflink")
+    os.symlink(tmp_path, tmp_path / "work" / "parentlink")
+    for name in ("selflink", "parentlink"):
+        with pytest.raises(ValueError, match="is the current folder or one of its parents"):
+            check_save_directory(name)
+    assert sorted(path.name for path in (tmp_path / "work").iterdir()) == ["parentlink", "selflink"]
+
+
+def test_files_of_the_user_at_our_names_are_not_replaced_unless_asked(tmp_path):
+    """README.md / model_index.json that no save of ours wrote (no manifest lists them) are a ValueError, and
+    nothing changes; overwrite=True replaces them; files our manifest lists are always replaced."""
+    from conftest import tiny_pipeline
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "README.md").write_text("MY NOTES\n")
+    (folder / "model_index.json").write_text('{"mine": true}\n')
+    pipeline = tiny_pipeline()
+    with pytest.raises(ValueError, match=r"holds README\.md, model_index\.json.*overwrite=True"):
+        pipeline.save_pretrained(folder)
+    assert sorted(path.name for path in folder.iterdir()) == ["README.md", "model_index.json"]
+    assert (folder / "README.md").read_text() == "MY NOTES\n"
+    pipeline.save_pretrained(folder, overwrite=True)
+    assert (folder / "README.md").read_text() != "MY NOTES\n"
+    pipeline.save_pretrained(folder)  # now ours: listed in the manifest, replaced without asking
+
+
+def test_pickle_weights_need_an_explicit_opt_in(tmp_path):
+    from conftest import tiny_pipeline
+
+    from ddpm_components import DDPMPipeline
+
+    folder = tmp_path / "pickled"
+    tiny_pipeline().save_pretrained(folder, safe_serialization=False)
+    with pytest.raises(OSError, match=r"safetensors|diffusion_pytorch_model"):
+        DDPMPipeline.from_pretrained(folder)
+    assert DDPMPipeline.from_pretrained(folder, use_safetensors=False).unet is not None

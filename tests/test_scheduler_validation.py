@@ -265,3 +265,14 @@ def test_check_choice_message_names_option_value_and_every_choice():
     _check_choice("padding", 1, (0, 1))
     # self-contained (copied verbatim into other modules): it reads no module-level name
     assert set(_check_choice.__code__.co_names) <= {"ValueError", "join", "map", "repr"}
+
+
+def test_a_beta_of_one_is_rejected_unless_zero_terminal_snr_is_asked_for():
+    """β = 1 makes ᾱ_T = 0 and the ε → x_0 step divide by zero (NaN samples); rescale_betas_zero_snr sets it on
+    purpose and handles it."""
+    with pytest.raises(ValueError, match=r"betas must lie in \(0, 1\)"):
+        DDPMScheduler(num_train_timesteps=10, beta_end=1.0)
+    with pytest.raises(ValueError, match=r"betas must lie in \(0, 1\)"):
+        DDPMScheduler(num_train_timesteps=3, trained_betas=[0.1, 0.5, 1.0])
+    scheduler = DDPMScheduler(num_train_timesteps=10, rescale_betas_zero_snr=True)
+    assert float(scheduler.alphas_cumprod[-1]) == 0.0

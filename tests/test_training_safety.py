@@ -624,3 +624,16 @@ def test_a_checkpoint_is_written_at_the_last_step_too(tmp_path):
     folder = tmp_path / "run"
     train(tiny_config(folder, max_train_steps=3, checkpointing_steps=2, checkpoints_total_limit=None))
     assert [path.name for path in list_checkpoints(folder)] == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_an_output_folder_inside_the_training_data_is_refused(tmp_path):
+    """Its sample grids would be read as training images (and its folder name as a class) by the next run."""
+    data = tmp_path / "data"
+    for name in ("cat", "dog"):
+        (data / name).mkdir(parents=True)
+        for index in range(2):
+            Image.new("L", (8, 8), 40 * index).save(data / name / f"{index}.png")
+    for output in (data, data / "out"):
+        with pytest.raises(ValueError, match="lies in --train-data-dir"):
+            train(tiny_config(output, train_data_dir=str(data), resolution=8, train_batch_size=2))
+    assert sorted(path.name for path in data.iterdir()) == ["cat", "dog"]
