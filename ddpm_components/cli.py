@@ -704,6 +704,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if args.plot is not None:
         import importlib.util
 
+        if args.plot.suffix.lower() != ".png":
+            raise ValueError(f"--plot writes a PNG image: give it a .png name, got {str(args.plot)!r}")
         check_output_file(args.plot, "--plot")
         if importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--plot needs matplotlib: pip install 'ddpm-components[plots]'")

@@ -738,8 +738,12 @@ def _plan_output_folder(config: TrainingConfig, folder: _OutputFolder) -> Path |
             )
         return folder.checkpoints[-1] if folder.checkpoints else None
     path = Path(config.resume)
+    if not path.is_dir() and (folder.path / config.resume).is_dir():
+        path = folder.path / config.resume  # a bare checkpoint name, as diffusers' scripts take it
     if not path.is_dir():
-        raise FileNotFoundError(f"resume checkpoint {config.resume!r} does not exist (or pass 'latest')")
+        raise FileNotFoundError(
+            f"resume checkpoint {config.resume!r} does not exist (neither here nor in --output-dir; or pass 'latest')"
+        )
     _checkpoint_step(path)
     return path
 

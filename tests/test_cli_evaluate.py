@@ -65,6 +65,7 @@ def test_evaluate_writes_table_json_and_plot(saved_model, tmp_path, capsys, torc
         (["--metrics", "bpd,fid2"], "choose from bpd,fd,kid,accuracy"),
         (["--scheduler", "NoSuch"], "neither 'ddpm'"),
         (["--steps", "ddim5", "--scheduler", "DDIMScheduler"], "only 'ddpm' \\(our scheduler\\) takes"),
+        (["--plot", "quality.jpg"], "--plot writes a PNG image"),
     ],
 )
 def test_evaluate_rejects_bad_input_before_work(saved_model, tmp_path, capsys, flags, message):

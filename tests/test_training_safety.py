@@ -637,3 +637,10 @@ def test_an_output_folder_inside_the_training_data_is_refused(tmp_path):
         with pytest.raises(ValueError, match="lies in --train-data-dir"):
             train(tiny_config(output, train_data_dir=str(data), resolution=8, train_batch_size=2))
     assert sorted(path.name for path in data.iterdir()) == ["cat", "dog"]
+
+
+def test_resume_takes_a_bare_checkpoint_name_from_the_output_folder(tmp_path):
+    folder = tmp_path / "run"
+    train(tiny_config(folder, max_train_steps=2, checkpointing_steps=1, checkpoints_total_limit=None))
+    summary = train(tiny_config(folder, max_train_steps=3, checkpointing_steps=1, resume="checkpoint-1"))
+    assert summary["global_step"] == 3
