@@ -133,7 +133,7 @@ def test_bad_construction_values():
     with pytest.raises(ValueError, match="trained_betas has 3 values"):
         DDPMScheduler(num_train_timesteps=10, trained_betas=[0.1, 0.2, 0.3])
     with pytest.raises(
-        ValueError, match=r"betas must lie in \(0, 1\].*beta_end=1\.5 gives betas in \[0\.1, 1\.5\]"
+        ValueError, match=r"betas must lie in \(0, 1\).*beta_end=1\.5 gives betas in \[0\.1, 1\.5\]"
     ):
         DDPMScheduler(beta_start=0.1, beta_end=1.5)
     with pytest.raises(ValueError, match=r"dynamic_thresholding_ratio=1\.5"):
