@@ -270,10 +270,15 @@ def _run_train(args: argparse.Namespace) -> int:
         )
         return 130
     if summary.get("is_main_process", True):
+        loss = summary[
+            "loss"
+        ]  # NaN when this call ran no step (resumed at --max-train-steps: sample and save)
+        loss_text = (
+            f"last loss {loss:.4f}" if math.isfinite(loss) else "no step left to train: sampled and saved"
+        )
         print(
-            f"trained {summary['global_step']} steps in {summary['wall_time']:.0f} s "
-            f"(last loss {summary['loss']:.4f}); pipeline, samples.png, training_config.json and "
-            f"metrics.jsonl are in {summary['output_dir']}"
+            f"trained {summary['global_step']} steps in {summary['wall_time']:.0f} s ({loss_text}); pipeline, "
+            f"samples.png, training_config.json and metrics.jsonl are in {summary['output_dir']}"
         )
         evaluation = summary.get("evaluation") or {}
         if evaluation:

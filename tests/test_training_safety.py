@@ -644,3 +644,24 @@ def test_resume_takes_a_bare_checkpoint_name_from_the_output_folder(tmp_path):
     train(tiny_config(folder, max_train_steps=2, checkpointing_steps=1, checkpoints_total_limit=None))
     summary = train(tiny_config(folder, max_train_steps=3, checkpointing_steps=1, resume="checkpoint-1"))
     assert summary["global_step"] == 3
+
+
+def test_resuming_a_finished_run_only_samples_and_saves_and_says_so(tmp_path, capsys):
+    folder = tmp_path / "run"
+    args = [
+        "train",
+        "--output-dir",
+        str(folder),
+        *TINY_ARGS,
+        "--max-train-steps",
+        "2",
+        "--checkpointing-steps",
+        "2",
+    ]
+    assert main(args) == 0
+    (folder / "model_index.json").unlink()  # as if the first run had been stopped during its final save
+    capsys.readouterr()
+    assert main([*args, "--resume", "latest"]) == 0
+    out = capsys.readouterr().out
+    assert "trained 2 steps" in out and "no step left to train: sampled and saved" in out and "nan" not in out
+    assert (folder / "model_index.json").is_file()
