@@ -1784,13 +1784,14 @@ class _TrainLoop:
         self.accelerator.wait_for_everyone()
 
     # -------------------------------------------------------------------------------- evaluate
-    def evaluate(self, step: int) -> dict[str, float]:
+    def evaluate(self, step: int, unet: Any = None) -> dict[str, float]:
         """(Main process.) The EMA model's bits/dim estimate on held-out data and, on the digits, its digits FD:
-        logged to metrics.jsonl, the trackers and the bar; interruptible after any denoising step."""
+        logged to metrics.jsonl, the trackers and the bar; interruptible after any denoising step. ``unet``: the
+        EMA U-Net when the caller has made it already (the final evaluation)."""
         numbers: dict[str, float] = {}
         if self.is_main:
             numbers = evaluate_during_training(
-                _ema_unet(self.accelerator, self.model, self.ema),
+                unet if unet is not None else _ema_unet(self.accelerator, self.model, self.ema),
                 self.scheduler,
                 self.config,
                 self.dataset,
@@ -1819,14 +1820,15 @@ class _TrainLoop:
             self._record_checksums()
         self.check_finite(step)
         accelerator.wait_for_everyone()
+        # one copy of the EMA weights serves the final evaluation, the grid and the save
+        final_unet = _ema_unet(accelerator, self.model, self.ema) if self.is_main else None
         evaluation = None
         if config.evaluate:
             self.phase = "the final evaluation"
-            evaluation = self.evaluate(step)
+            evaluation = self.evaluate(step, final_unet)
         if self.is_main:
             for tracker in accelerator.trackers:  # flush and close the logs before the save
                 tracker.finish()
-            final_unet = _ema_unet(accelerator, self.model, self.ema)
             self.stop.raise_if_requested()
             self.phase = "the final sample grid"
             accelerator.print(f"sampling the final grid ({config.num_inference_steps} denoising steps)")
