@@ -42,6 +42,16 @@ class _ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def _positive_int(value: str) -> int:
     try:
         number = int(value)
@@ -307,7 +317,7 @@ def _add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
             "--strength and denoises it from there. The options, the output paths and the input image are "
             "checked before the model is loaded; nothing is written unless sampling succeeds."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     parser.add_argument(
         "--model",
@@ -576,7 +586,7 @@ def _add_push_parser(subparsers: argparse._SubParsersAction) -> None:
             "sampled) and its training_config.json. The local folder is only read. Authenticate with "
             "`hf auth login`, HF_TOKEN, or --token."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     parser.add_argument("--model", required=True, type=Path, help="the saved pipeline folder")
     parser.add_argument("--repo-id", required=True, help="the Hub repository, namespace/name (or name)")
@@ -645,7 +655,7 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
             "shipped with the package), KID, and class accuracy of labelled samples. The default data is the "
             "embedded digits' held-out test split. Prints a table; --json and --plot write files."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     parser.add_argument(
         "--model", required=True, help="a folder written by `train` / save_pretrained, or a Hub repo id"
@@ -678,6 +688,13 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--guidance-scale", type=_finite_float, default=1.0, help="classifier-free guidance")
     parser.add_argument("--seeds", type=_positive_int, default=1, help="repeat each setting with K seeds")
+    parser.add_argument(
+        "--seed",
+        type=_seed,
+        default=0,
+        help="the first seed: the K runs use seeds S, S+1, ..., S+K-1 (the bits/dim noise and the real-vs-real "
+        "draw use S)",
+    )
     parser.add_argument("--batch-size", type=_positive_int, default=250, help="images per model call")
     parser.add_argument(
         "--bpd-timesteps",
@@ -730,6 +747,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         batch_size=args.batch_size,
         bpd_timesteps=args.bpd_timesteps,
+        seed=args.seed,
     )
     print(format_report(report))
     if args.json is not None:

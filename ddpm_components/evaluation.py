@@ -402,9 +402,13 @@ def evaluate_samplers(
     guidance_scale: float = 1.0,
     seeds: int = 1,
     batch_size: int = 250,
+    seed: int = 0,
     show_progress: bool = True,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Sample quality for every sampler × number of steps, over ``seeds`` seeds (mean and standard error).
+
+    The runs use the sampling seeds ``seed, seed + 1, ..., seed + seeds - 1`` (image i of the run with seed s is
+    image i of ``ddpm-components sample --seed s``), so more seeds can be added to a measurement later.
 
     ``reference`` is the real data to compare with (digits in [-1, 1]). A class-conditional model is sampled
     with balanced labels (image i gets class i mod K) unless ``labelled=False`` (the null class). Returns
@@ -426,11 +430,11 @@ def evaluate_samplers(
             pipeline.scheduler = spec.build(saved_scheduler)
             for step_count in steps:
                 per_seed: dict[str, list[float]] = {}
-                for seed in range(seeds):
+                for sample_seed in range(seed, seed + seeds):
                     batches = sample_batches(
                         pipeline,
                         range(num_samples),
-                        seed=seed,
+                        seed=sample_seed,
                         num_inference_steps=step_count,
                         batch_size=batch_size,
                         class_label_of=None if labels is None else (lambda index: int(labels[index])),
@@ -669,6 +673,7 @@ def run_evaluation(
             guidance_scale=guidance_scale,
             seeds=seeds,
             batch_size=batch_size,
+            seed=seed,
             show_progress=show_progress,
         )
     return report
