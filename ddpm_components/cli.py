@@ -479,7 +479,9 @@ def _run_sample(args: argparse.Namespace) -> int:
     state = _sampling_processes()
     pipeline = load_pipeline(args.model, trust_remote_code=args.trust_remote_code)
     if args.scheduler is not None:
-        pipeline.scheduler = SchedulerSpec.parse(args.scheduler).build(pipeline.scheduler)
+        spec = SchedulerSpec.parse(args.scheduler)
+        pipeline.scheduler = spec.build(pipeline.scheduler)
+        spec.check_steps(pipeline.scheduler, args.steps)
     pipeline.to(device)
     pipeline.set_progress_bar_config(file=getattr(args, "stderr", sys.stderr))
     call_kwargs = {}
@@ -702,8 +704,18 @@ def _add_evaluate_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="estimate bits/dim from K stratified timesteps per image (unbiased; default: the full chain)",
     )
+    parser.add_argument(
+        "--inception-weights",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth for fid (and kid / precision-recall on "
+        "data other than 8x8 digits); default: torch's hub cache, where torch-fidelity looks. Never downloaded",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
-    parser.add_argument("--plot", type=Path, default=None, help="write a PNG of FD against steps here")
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="write a PNG of FD (or FID) against steps here"
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.set_defaults(func=_run_evaluate)
 
@@ -731,6 +743,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         check_output_file(args.plot, "--plot")
         if importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--plot needs matplotlib: pip install 'ddpm-components[plots]'")
+        if not {"fd", "fid"} & set(args.metrics):
+            raise ValueError("--plot draws fd or fid against the steps: add one of them to --metrics")
     device = _torch_device(args.device)
     pipeline = load_pipeline(args.model)
     pipeline.to(device)
@@ -748,13 +762,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         bpd_timesteps=args.bpd_timesteps,
         seed=args.seed,
+        inception_weights=args.inception_weights,
     )
     print(format_report(report))
     if args.json is not None:
         atomic_write_bytes(args.json, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
         print(f"wrote {args.json}")
     if args.plot is not None:
-        plot_quality(report, args.plot)
+        plot_quality(report, args.plot, metric="fd" if "fd" in args.metrics else "fid")
         print(f"wrote {args.plot}")
     return 0
 

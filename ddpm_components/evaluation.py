@@ -25,7 +25,9 @@ Data must be 8-bit images mapped to [-1, 1] (the decoder's bins are 2/255 wide);
 Sample quality on the embedded digits is the **digits FD**: the Fréchet distance between the penultimate features
 of :class:`~ddpm_components.digits_classifier.DigitsClassifier` (shipped weights) of generated and real images,
 computed by torchmetrics' ``FrechetInceptionDistance`` with that network as its feature extractor (and KID
-likewise), so no Fréchet maths is written here and nothing is downloaded.
+likewise), so no Fréchet maths is written here and nothing is downloaded. Other data gets FID and KID in
+Inception-V3's features (torch-fidelity's network through torchmetrics, from a local weights file:
+:func:`find_inception_weights`); precision and recall (Kynkäänniemi et al. 2019) come from ``prdc``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,21 @@ from typing import Any
 
 import torch
 
-__all__ = ["BitsPerDim", "bits_per_dim", "bits_per_dim_estimate", "digits_fd", "digits_kid"]
+__all__ = [
+    "BitsPerDim",
+    "InceptionFeatures",
+    "SampleQuality",
+    "bits_per_dim",
+    "bits_per_dim_estimate",
+    "digits_fd",
+    "digits_kid",
+    "evaluate_samplers",
+    "find_inception_weights",
+    "frechet_distance",
+    "kernel_distance",
+    "precision_recall",
+    "run_evaluation",
+]
 
 _GRID_TOLERANCE = 1e-3  # how far (in 8-bit levels) a value may lie from the 256-level grid
 
@@ -266,6 +282,21 @@ def bits_per_dim_estimate(
 
 
 # ------------------------------------------------------------------------------------------ sample quality
+INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
+"""torch-fidelity's Inception-V3 weights (the TensorFlow FID network, converted), which FID here uses."""
+INCEPTION_WEIGHTS_URL = (
+    f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_NAME}"
+)
+_INCEPTION_SHA256_PREFIX = (
+    "6726825d"  # torch.hub's convention: the file name carries its SHA-256's first digits
+)
+
+SAMPLE_METRICS: tuple[str, ...] = ("fd", "fid", "kid", "precision-recall", "accuracy")
+"""The sample metrics: ``fd`` (digits FD) and ``accuracy`` use the digits classifier and need 8×8 greyscale data;
+``fid`` uses Inception-V3; ``kid`` and ``precision-recall`` use the digits classifier's features on 8×8 greyscale
+data and Inception-V3's otherwise (see :func:`feature_space`)."""
+
+
 class _DigitsFeatures(torch.nn.Module):
     """The digits classifier's penultimate features, as torchmetrics' custom feature extractor."""
 
@@ -280,60 +311,285 @@ class _DigitsFeatures(torch.nn.Module):
         return self.classifier.features(images.float())
 
 
+def find_inception_weights(weights: str | Path | None = None) -> Path:
+    """The local Inception-V3 weights file for FID, checked before any sampling (nothing is ever downloaded).
+
+    ``weights`` is a path to torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``; ``None`` looks where
+    torch-fidelity itself would, in torch's hub cache (``$TORCH_HOME/hub/checkpoints``). Raises ``ValueError``
+    saying which file to put where when torch-fidelity is missing or the file is absent or another file.
+    """
+    import hashlib
+
+    try:
+        import torch_fidelity  # noqa: F401  (torchmetrics takes its Inception network from here)
+    except ImportError:
+        raise ValueError(
+            "fid (and kid / precision-recall on data other than 8x8 digits) use Inception-V3 features from "
+            "torch-fidelity, which is not installed: pip install 'ddpm-components[fid]' (it needs a torchvision "
+            "built for your torch)"
+        ) from None
+    except Exception as error:  # e.g. a torchvision built for another torch
+        raise ValueError(f"torch-fidelity is installed but does not import: {error}") from None
+    if weights is None:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_NAME
+        where = f"put it at {path} (torch's hub cache, where torch-fidelity looks) or pass --inception-weights FILE"
+    else:
+        path = Path(weights)
+        where = "pass its path with --inception-weights"
+    if not path.is_file():
+        raise ValueError(
+            f"the Inception-V3 weights for FID are not at {path} and this program never downloads: fetch "
+            f"{INCEPTION_WEIGHTS_URL} (92 MB) on a machine with network access and {where}"
+        )
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(_INCEPTION_SHA256_PREFIX):
+        raise ValueError(
+            f"{path} is not torch-fidelity's {INCEPTION_WEIGHTS_NAME} (its SHA-256 starts "
+            f"{digest.hexdigest()[:8]}, expected {_INCEPTION_SHA256_PREFIX})"
+        )
+    return path
+
+
+class InceptionFeatures(torch.nn.Module):
+    """Inception-V3's 2048 pool features, the network of FID, from a local weights file.
+
+    The network is torch-fidelity's port of the TensorFlow FID graph, as torchmetrics' FID builds it. Images in
+    [-1, 1] with one or three channels and any size are quantised to 8 bits (greyscale repeated to RGB) and
+    resized by the network to 299×299. The weights are read with ``torch.load(weights_only=True)``, which runs no
+    code from the file, and handed to torch-fidelity (which unpickles what it is given) as a copy we wrote.
+    """
+
+    def __init__(self, weights: str | Path | None = None) -> None:
+        super().__init__()
+        import tempfile
+
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        path = find_inception_weights(weights)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        with tempfile.TemporaryDirectory() as folder:
+            trusted = Path(folder) / INCEPTION_WEIGHTS_NAME
+            torch.save(state, trusted)
+            self.network = NoTrainInceptionV3(
+                name="inception-v3-compat",
+                features_list=["2048"],
+                feature_extractor_weights_path=str(trusted),
+            )
+        self.num_features = 2048
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = ((images.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+        if pixels.shape[1] == 1:
+            pixels = pixels.expand(-1, 3, -1, -1)
+        return self.network(pixels).reshape(pixels.shape[0], -1)
+
+
+def _is_digits_shaped(images: torch.Tensor) -> bool:
+    return tuple(images.shape[1:]) == (1, 8, 8)
+
+
+def feature_space(metric: str, reference: torch.Tensor) -> str:
+    """Which features ``metric`` is measured in on data like ``reference``: ``"digits"`` or ``"inception"``.
+
+    ``fd`` and ``accuracy`` need 8×8 greyscale data (else ``ValueError``); ``fid`` is always Inception;
+    ``kid`` and ``precision-recall`` follow the data (the digits classifier on 8×8 greyscale, Inception otherwise).
+    """
+    if metric not in SAMPLE_METRICS:
+        raise ValueError(f"unknown sample metric {metric!r}; choose from {', '.join(SAMPLE_METRICS)}")
+    digits = _is_digits_shaped(reference)
+    if metric in ("fd", "accuracy") and not digits:
+        raise ValueError(
+            f"{metric} uses the digits classifier: it needs 8x8 greyscale data, and this data is "
+            f"{tuple(reference.shape[1:])}; use fid (Inception features) for other data"
+        )
+    if metric == "fid":
+        return "inception"
+    return "digits" if digits else "inception"
+
+
 def _check_digit_images(images: torch.Tensor, name: str) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != (1, 8, 8):
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or not _is_digits_shaped(images):
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(
             f"the digits FD compares 8x8 greyscale images, (N, 1, 8, 8) in [-1, 1]; {name} is {shape}: use FID "
             "(Inception features) for other data"
         )
+    return _check_feature_images(images, name)
+
+
+def _check_feature_images(images: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"{name} must be images (N, C, H, W) in [-1, 1], got {shape}")
     if images.shape[0] < 2:
-        raise ValueError(f"{name} holds {images.shape[0]} image(s); a Fréchet distance needs at least 2")
+        raise ValueError(f"{name} holds {images.shape[0]} image(s); a distance between sets needs at least 2")
     if not bool(torch.isfinite(images).all()):
         raise ValueError(f"{name} holds NaN or infinite values")
     return images.detach().float().cpu().clamp(-1.0, 1.0)
 
 
 @torch.no_grad()
-def digits_fd(generated: torch.Tensor, reference: torch.Tensor, batch_size: int = 500) -> float:
-    """The digits FD between two sets of 8×8 greyscale images in [-1, 1] (lower is better; 0 for equal sets)."""
+def _features(network: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    parts = [network(images[part]).double() for part in _batches(images.shape[0], batch_size)]
+    return torch.cat(parts)
+
+
+class SampleQuality:
+    """The sample metrics of image sets against one reference set, whose features are computed once.
+
+    ``metrics`` from :data:`SAMPLE_METRICS` (``accuracy`` needs the requested labels). ``inception`` replaces the
+    Inception-V3 network (your own feature extractor, or a small stand-in in tests); by default it is built from
+    ``inception_weights`` (see :func:`find_inception_weights`) when a metric needs it. The Fréchet distance and KID
+    are torchmetrics' (``FrechetInceptionDistance``, ``KernelInceptionDistance`` with the network as custom
+    feature extractor); precision and recall are Kynkäänniemi et al.'s (2019, k = 3 nearest neighbours), computed
+    by ``prdc`` on the same features.
+    """
+
+    def __init__(
+        self,
+        reference: torch.Tensor,
+        metrics: Sequence[str],
+        *,
+        inception: torch.nn.Module | None = None,
+        inception_weights: str | Path | None = None,
+        batch_size: int = 500,
+        nearest_k: int = 3,
+    ) -> None:
+        self.reference = _check_feature_images(reference, "reference")
+        self.metrics = tuple(metrics)
+        self.spaces = {metric: feature_space(metric, self.reference) for metric in self.metrics}
+        self.batch_size, self.nearest_k = batch_size, nearest_k
+        self.networks: dict[str, torch.nn.Module] = {}
+        if "digits" in self.spaces.values():
+            self.networks["digits"] = _DigitsFeatures()
+        if "inception" in self.spaces.values():
+            self.networks["inception"] = (
+                inception if inception is not None else InceptionFeatures(inception_weights)
+            )
+        self._reference_features: dict[str, torch.Tensor] = {}
+
+    def reference_features(self, space: str) -> torch.Tensor:
+        if space not in self._reference_features:
+            self._reference_features[space] = _features(self.networks[space], self.reference, self.batch_size)
+        return self._reference_features[space]
+
+    def __call__(self, images: torch.Tensor, requested: torch.Tensor | None = None) -> dict[str, float]:
+        """The metrics of ``images`` (N, C, H, W) in [-1, 1]; ``requested``: the class each was sampled for."""
+        images = _check_feature_images(images, "generated")
+        numbers: dict[str, float] = {}
+        for metric, space in self.spaces.items():
+            if metric == "accuracy":
+                if requested is not None:
+                    from .digits_classifier import accuracy, load_digits_classifier
+
+                    numbers["accuracy"] = accuracy(load_digits_classifier(), images, requested)
+                continue
+            generated = _features(self.networks[space], images, self.batch_size)
+            reference = self.reference_features(space)
+            if metric in ("fd", "fid"):
+                numbers[metric] = frechet_distance(generated, reference)
+            elif metric == "kid":
+                numbers["kid"], _ = kernel_distance(generated, reference)
+            else:
+                numbers["precision"], numbers["recall"] = precision_recall(
+                    generated, reference, self.nearest_k
+                )
+        return numbers
+
+
+class _GivenFeatures(torch.nn.Module):
+    """Identity: torchmetrics' metrics over features computed beforehand (each reference feature once)."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.double()
+
+
+def frechet_distance(generated: torch.Tensor, reference: torch.Tensor) -> float:
+    """torchmetrics' Fréchet distance between two feature sets (N, D): ‖μ₁-μ₂‖² + Tr(Σ₁+Σ₂-2(Σ₁Σ₂)^½)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    generated = _check_digit_images(generated, "generated")
-    reference = _check_digit_images(reference, "reference")
-    metric = FrechetInceptionDistance(feature=_DigitsFeatures(), input_img_size=(1, 8, 8))
-    for images, real in ((reference, True), (generated, False)):
-        for part in _batches(images.shape[0], batch_size):
-            metric.update(images[part], real=real)
+    metric = FrechetInceptionDistance(
+        feature=_GivenFeatures(reference.shape[1]), input_img_size=(reference.shape[1],)
+    )
+    metric.update(reference, real=True)
+    metric.update(generated, real=False)
     return float(metric.compute())
 
 
-@torch.no_grad()
-def digits_kid(
-    generated: torch.Tensor, reference: torch.Tensor, subset_size: int | None = None, batch_size: int = 500
+def kernel_distance(
+    generated: torch.Tensor, reference: torch.Tensor, subset_size: int | None = None
 ) -> tuple[float, float]:
-    """Kernel distance (KID: mean and standard deviation over subsets) in the digits classifier's features."""
+    """torchmetrics' KID between two feature sets: mean and standard deviation over 100 subsets."""
     import warnings
 
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    generated = _check_digit_images(generated, "generated")
-    reference = _check_digit_images(reference, "reference")
     subset_size = subset_size or min(generated.shape[0], reference.shape[0], 1000)
-    with warnings.catch_warnings():  # torchmetrics warns that KID keeps every feature: a few hundred here
+    with warnings.catch_warnings():  # torchmetrics warns that KID keeps every feature: a few thousand here
         warnings.simplefilter("ignore", UserWarning)
-        metric = KernelInceptionDistance(feature=_DigitsFeatures(), subset_size=subset_size)
-    for images, real in ((reference, True), (generated, False)):
-        for part in _batches(images.shape[0], batch_size):
-            metric.update(images[part], real=real)
+        metric = KernelInceptionDistance(feature=_GivenFeatures(reference.shape[1]), subset_size=subset_size)
+    metric.update(reference.float(), real=True)
+    metric.update(generated.float(), real=False)
     mean, std = metric.compute()
     return float(mean), float(std)
 
 
+def precision_recall(
+    generated: torch.Tensor, reference: torch.Tensor, nearest_k: int = 3
+) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of two feature sets, computed by ``prdc``.
+
+    Precision: the share of generated samples inside the real manifold (the union of balls reaching each real
+    sample's k-th nearest real neighbour); recall: the share of real samples inside the generated manifold.
+    """
+    import contextlib
+    import io
+
+    from prdc import compute_prdc
+
+    if min(generated.shape[0], reference.shape[0]) <= nearest_k:
+        raise ValueError(
+            f"precision/recall with k = {nearest_k} neighbours needs more than {nearest_k} images per set"
+        )
+    with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes
+        result = compute_prdc(reference.float().numpy(), generated.float().numpy(), nearest_k=nearest_k)
+    return float(result["precision"]), float(result["recall"])
+
+
+def digits_fd(generated: torch.Tensor, reference: torch.Tensor, batch_size: int = 500) -> float:
+    """The digits FD between two sets of 8×8 greyscale images in [-1, 1] (lower is better; 0 for equal sets)."""
+    generated = _check_digit_images(generated, "generated")
+    reference = _check_digit_images(reference, "reference")
+    network = _DigitsFeatures()
+    return frechet_distance(
+        _features(network, generated, batch_size), _features(network, reference, batch_size)
+    )
+
+
+def digits_kid(
+    generated: torch.Tensor, reference: torch.Tensor, subset_size: int | None = None, batch_size: int = 500
+) -> tuple[float, float]:
+    """Kernel distance (KID: mean and standard deviation over subsets) in the digits classifier's features."""
+    generated = _check_digit_images(generated, "generated")
+    reference = _check_digit_images(reference, "reference")
+    network = _DigitsFeatures()
+    return kernel_distance(
+        _features(network, generated, batch_size), _features(network, reference, batch_size), subset_size
+    )
+
+
 # -------------------------------------------------------------------------------------------- evaluation
-EVALUATION_METRICS: tuple[str, ...] = ("bpd", "fd", "kid", "accuracy")
-"""What :func:`evaluate` measures: bits/dim on the reference data; the digits FD and KID of samples against
-it; ``accuracy``, the share of class-conditional samples that the digits classifier assigns to their class."""
+EVALUATION_METRICS: tuple[str, ...] = ("bpd", *SAMPLE_METRICS)
+"""What :func:`run_evaluation` measures: bits/dim on the reference data; the sample metrics of
+:data:`SAMPLE_METRICS` against it (``accuracy``: the share of class-conditional samples that the digits classifier
+assigns to their class; ``precision-recall`` reports ``precision`` and ``recall``)."""
 
 
 def _mean_and_stderr(values: list[float]) -> tuple[float, float | None]:
@@ -354,26 +610,6 @@ def reference_digits(split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
     return images[indices], labels[indices]
 
 
-def _sample_quality(
-    samples: torch.Tensor,
-    requested: torch.Tensor | None,
-    reference: torch.Tensor,
-    metrics: tuple[str, ...],
-) -> dict[str, float]:
-    """The sample metrics of one run: ``samples`` uint8 (N, 1, 8, 8), ``requested`` their class labels."""
-    from .digits_classifier import accuracy, load_digits_classifier
-
-    images = samples.float() / 127.5 - 1.0
-    numbers: dict[str, float] = {}
-    if "fd" in metrics:
-        numbers["fd"] = digits_fd(images, reference)
-    if "kid" in metrics:
-        numbers["kid"], _ = digits_kid(images, reference)
-    if "accuracy" in metrics and requested is not None:
-        numbers["accuracy"] = accuracy(load_digits_classifier(), images, requested)
-    return numbers
-
-
 def check_samplers(pipeline: Any, schedulers: Sequence[str], steps: Sequence[int | str]) -> list[Any]:
     """Parse the scheduler specs and check that each takes each step count, before any work; return the specs."""
     from .sampling import SchedulerSpec
@@ -386,13 +622,13 @@ def check_samplers(pipeline: Any, schedulers: Sequence[str], steps: Sequence[int
                     f"steps {step_count!r} is a respacing string, which only 'ddpm' (our scheduler) takes; "
                     f"{spec.name} needs an integer number of steps"
                 )
-            spec.build(pipeline.scheduler).set_timesteps(step_count)
+            spec.check_steps(spec.build(pipeline.scheduler), step_count)
     return specs
 
 
 def evaluate_samplers(
     pipeline: Any,
-    reference: torch.Tensor,
+    reference: torch.Tensor | SampleQuality,
     *,
     metrics: Sequence[str] = ("fd",),
     num_samples: int = 500,
@@ -410,13 +646,14 @@ def evaluate_samplers(
     The runs use the sampling seeds ``seed, seed + 1, ..., seed + seeds - 1`` (image i of the run with seed s is
     image i of ``ddpm-components sample --seed s``), so more seeds can be added to a measurement later.
 
-    ``reference`` is the real data to compare with (digits in [-1, 1]). A class-conditional model is sampled
+    ``reference`` is the real data to compare with (in [-1, 1]), or a :class:`SampleQuality` built on it (which
+    then decides the metrics and feature networks; ``metrics`` is ignored). A class-conditional model is sampled
     with balanced labels (image i gets class i mod K) unless ``labelled=False`` (the null class). Returns
     ``{spec: {steps: {"fd": mean, "fd_stderr": ..., "fd_per_seed": [...], ...}}}``.
     """
     from .sampling import sample_batches
 
-    metrics = tuple(metrics)
+    quality = reference if isinstance(reference, SampleQuality) else SampleQuality(reference, metrics)
     specs = check_samplers(pipeline, schedulers, steps)
     saved_scheduler = pipeline.scheduler
     conditional = getattr(pipeline.unet.config, "num_class_embeds", None) is not None
@@ -441,8 +678,8 @@ def evaluate_samplers(
                         guidance_scale=guidance_scale,
                         show_progress=show_progress,
                     )
-                    samples = torch.cat([images for _, images in batches])
-                    for name, value in _sample_quality(samples, labels, reference, metrics).items():
+                    samples = torch.cat([images for _, images in batches]).float() / 127.5 - 1.0
+                    for name, value in quality(samples, labels).items():
                         per_seed.setdefault(name, []).append(value)
                 summary: dict[str, Any] = {}
                 for name, values in per_seed.items():
@@ -454,20 +691,38 @@ def evaluate_samplers(
     return results
 
 
-def reference_numbers(reference: torch.Tensor, num_samples: int, seed: int = 0) -> dict[str, float]:
-    """What the digits FD means at this sample size: real vs real (``num_samples`` training digits against
-    ``reference``) and noise vs real (Gaussian noise clipped to [-1, 1])."""
-    from .data import digits_split_indices, digits_tensor
+def reference_numbers(
+    quality: SampleQuality, num_samples: int, seed: int = 0, real: torch.Tensor | None = None
+) -> dict[str, float]:
+    """What the Fréchet distances (``fd``, ``fid``) of ``quality`` mean at this sample size.
 
-    images, _ = digits_tensor(8)
-    train = digits_split_indices("train")
+    Real vs real: ``num_samples`` images drawn from ``real`` (other real images, e.g. the digits' training split)
+    against the reference set, or, without ``real``, one random half of the reference against the other half.
+    Noise vs real: ``num_samples`` Gaussian noise images clipped to [-1, 1] against the reference set.
+    """
     generator = torch.Generator().manual_seed(seed)
-    chosen = train[torch.randperm(train.numel(), generator=generator)[: min(num_samples, train.numel())]]
-    noise = torch.randn(num_samples, 1, 8, 8, generator=generator).clamp(-1, 1)
-    return {
-        "real_vs_real_fd": digits_fd(images[chosen], reference),
-        "noise_vs_real_fd": digits_fd(noise, reference),
-    }
+    reference_images = quality.reference
+    if real is not None:
+        chosen = real[torch.randperm(real.shape[0], generator=generator)[: min(num_samples, real.shape[0])]]
+    else:
+        order = torch.randperm(reference_images.shape[0], generator=generator)
+        halves = order[: reference_images.shape[0] // 2], order[reference_images.shape[0] // 2 :]
+    noise = torch.randn(num_samples, *reference_images.shape[1:], generator=generator).clamp(-1, 1)
+    numbers: dict[str, float] = {}
+    for metric in ("fd", "fid"):
+        if metric not in quality.spaces:
+            continue
+        network = quality.networks[quality.spaces[metric]]
+        reference = quality.reference_features(quality.spaces[metric])
+        if real is not None:
+            real_vs_real = frechet_distance(_features(network, chosen, quality.batch_size), reference)
+        else:
+            real_vs_real = frechet_distance(reference[halves[0]], reference[halves[1]])
+        numbers[f"real_vs_real_{metric}"] = real_vs_real
+        numbers[f"noise_vs_real_{metric}"] = frechet_distance(
+            _features(network, noise, quality.batch_size), reference
+        )
+    return numbers
 
 
 # ----------------------------------------------------------------------------------------------- reports
@@ -485,12 +740,13 @@ def format_report(report: dict[str, Any]) -> str:
             f"bits/dim ({bpd['num_images']} images, {how}): {bpd['total']:.4f} ± {bpd['stderr']:.4f} "
             f"(prior {bpd['prior']:.4f}, vb {bpd['vb']:.4f}, decoder {bpd['decoder']:.4f})"
         )
-    reference = report.get("reference")
-    if reference:
-        lines.append(
-            f"digits FD at this sample size: real vs real {reference['real_vs_real_fd']:.2f}, "
-            f"noise vs real {reference['noise_vs_real_fd']:.1f}"
-        )
+    reference = report.get("reference") or {}
+    for metric, title in (("fd", "digits FD"), ("fid", "FID")):
+        if f"noise_vs_real_{metric}" in reference:
+            lines.append(
+                f"{title} at this sample size: real vs real {reference[f'real_vs_real_{metric}']:.2f}, "
+                f"noise vs real {reference[f'noise_vs_real_{metric}']:.1f}"
+            )
     samplers = report.get("samplers") or {}
     names = sorted(
         {
@@ -547,7 +803,7 @@ def plot_quality(report: dict[str, Any], path: str | Path, metric: str = "fd") -
     axes.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes.set_xlabel("network evaluations (sampling steps)")
-    axes.set_ylabel({"fd": "digits FD (lower is better)"}.get(metric, metric))
+    axes.set_ylabel({"fd": "digits FD", "fid": "FID"}.get(metric, metric) + " (lower is better)")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     buffer = io.BytesIO()
@@ -606,66 +862,49 @@ def run_evaluation(
     batch_size: int = 250,
     bpd_timesteps: int | None = None,
     seed: int = 0,
+    inception: torch.nn.Module | None = None,
+    inception_weights: str | Path | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Everything ``ddpm-components evaluate`` measures, as the JSON-ready report.
 
     ``bpd_timesteps=None`` runs the full chain; an integer K uses the stratified estimate from K timesteps.
-    Sample metrics (``fd``, ``kid``, ``accuracy``) are measured for every scheduler spec × step count.
+    Sample metrics (:data:`SAMPLE_METRICS`) are measured for every scheduler spec × step count, with the sampling
+    seeds ``seed, ..., seed + seeds - 1``. Everything is checked (metrics against the data, samplers against the
+    steps, the Inception weights) before the first model call; ``inception`` replaces the Inception-V3 network.
     """
     unknown = sorted(set(metrics) - set(EVALUATION_METRICS))
-    if unknown:
-        raise ValueError(
-            f"unknown metric(s) {unknown}; choose from {', '.join(EVALUATION_METRICS)} (FID with Inception weights "
-            "is not available yet)"
-        )
+    if unknown or not metrics:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {', '.join(EVALUATION_METRICS)}")
     reference, reference_labels = reference_images(pipeline, data)
     sample_metrics = tuple(name for name in metrics if name != "bpd")
+    quality = None
     if sample_metrics:
-        if tuple(reference.shape[1:]) != (1, 8, 8):
-            raise ValueError("fd, kid and accuracy use the digits classifier: they need 8x8 greyscale data")
         check_samplers(pipeline, schedulers, steps)
+        quality = SampleQuality(
+            reference,
+            sample_metrics,
+            inception=inception,
+            inception_weights=inception_weights,
+            batch_size=500,
+        )
     report: dict[str, Any] = {
         "model": model_name,
         "num_samples": num_samples,
         "guidance_scale": guidance_scale,
     }
     if "bpd" in metrics:
-        unet, scheduler = pipeline.unet, pipeline.scheduler
-        labels = reference_labels if (labelled and getattr(unet.config, "num_class_embeds", None)) else None
-        device = next(unet.parameters()).device
-        generator = torch.Generator().manual_seed(seed)
-        if bpd_timesteps is None:
-            result = bits_per_dim(
-                unet,
-                scheduler,
-                reference.to(device),
-                labels,
-                batch_size=batch_size,
-                generator=generator,
-                show_progress=show_progress,
-            )
-        else:
-            result = bits_per_dim_estimate(
-                unet,
-                scheduler,
-                reference.to(device),
-                labels,
-                num_timesteps=bpd_timesteps,
-                batch_size=batch_size,
-                generator=generator,
-            )
-        report["bpd"] = {
-            **result.to_dict(),
-            "num_timesteps": bpd_timesteps,
-            "conditional": labels is not None,
-        }
-    if sample_metrics:
-        report["reference"] = reference_numbers(reference, num_samples, seed=seed)
+        labels = reference_labels if labelled else None
+        report["bpd"] = _evaluate_bits_per_dim(
+            pipeline, reference, labels, bpd_timesteps, batch_size, seed, show_progress
+        )
+    if quality is not None:
+        report["features"] = dict(quality.spaces)
+        real = reference_digits("train")[0] if data is None else None
+        report["reference"] = reference_numbers(quality, num_samples, seed=seed, real=real)
         report["samplers"] = evaluate_samplers(
             pipeline,
-            reference,
-            metrics=sample_metrics,
+            quality,
             num_samples=num_samples,
             steps=steps,
             schedulers=schedulers,
@@ -677,3 +916,41 @@ def run_evaluation(
             show_progress=show_progress,
         )
     return report
+
+
+def _evaluate_bits_per_dim(
+    pipeline: Any,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    bpd_timesteps: int | None,
+    batch_size: int,
+    seed: int,
+    show_progress: bool,
+) -> dict[str, Any]:
+    """The bits/dim part of the report: the full chain, or the estimate from ``bpd_timesteps`` timesteps."""
+    unet, scheduler = pipeline.unet, pipeline.scheduler
+    if not getattr(unet.config, "num_class_embeds", None):
+        labels = None
+    device = next(unet.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    if bpd_timesteps is None:
+        result = bits_per_dim(
+            unet,
+            scheduler,
+            images.to(device),
+            labels,
+            batch_size=batch_size,
+            generator=generator,
+            show_progress=show_progress,
+        )
+    else:
+        result = bits_per_dim_estimate(
+            unet,
+            scheduler,
+            images.to(device),
+            labels,
+            num_timesteps=bpd_timesteps,
+            batch_size=batch_size,
+            generator=generator,
+        )
+    return {**result.to_dict(), "num_timesteps": bpd_timesteps, "conditional": labels is not None}

@@ -100,6 +100,21 @@ class SchedulerSpec:
             )
         return scheduler_class.from_config(saved_scheduler.config, **self.overrides)
 
+    def check_steps(self, scheduler: Any, num_inference_steps: int | str) -> None:
+        """Set ``scheduler`` (built from this spec) to ``num_inference_steps`` and refuse a chain that repeats a
+        timestep: diffusers' multistep solvers with ``timestep_spacing="leading"`` (the DDPM default, which
+        ``from_config`` carries over) give 1000 steps of a 1000-step model as timestep 0 a thousand times and fail
+        with an IndexError at the very end."""
+        scheduler.set_timesteps(num_inference_steps)
+        timesteps = [int(t) for t in scheduler.timesteps]
+        if len(set(timesteps)) < len(timesteps):
+            spacing = getattr(scheduler.config, "timestep_spacing", None)
+            raise ValueError(
+                f"scheduler {self.text or self.name!r} with {num_inference_steps} steps repeats timesteps "
+                f"(timestep_spacing={spacing!r} gives {timesteps[:4]}...); use another spacing, e.g. "
+                f"'{self.name}:timestep_spacing=trailing', or fewer steps"
+            )
+
 
 def sample_batches(
     pipeline: Any,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
-from conftest import tiny_pipeline
+import torch
+from conftest import tiny_pipeline, tiny_unet
 
 from ddpm_components.cli import main
 
@@ -62,7 +64,9 @@ def test_evaluate_writes_table_json_and_plot(saved_model, tmp_path, capsys, torc
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--metrics", "bpd,fid2"], "choose from bpd,fd,kid,accuracy"),
+        (["--metrics", "bpd,fid2"], "choose from bpd,fd,fid,kid,precision-recall,accuracy"),
+        (["--metrics", "fd", "--plot", "q.png", "--data", "nowhere"], "nowhere"),
+        (["--metrics", "kid", "--plot", "q.png"], "--plot draws fd or fid"),
         (["--scheduler", "NoSuch"], "neither 'ddpm'"),
         (["--steps", "ddim5", "--scheduler", "DDIMScheduler"], "only 'ddpm' \\(our scheduler\\) takes"),
         (["--plot", "quality.jpg"], "--plot writes a PNG image"),
@@ -74,3 +78,67 @@ def test_evaluate_rejects_bad_input_before_work(saved_model, tmp_path, capsys, f
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
     assert re.search(message, err)
+
+
+class _StandInInception(torch.nn.Module):
+    """A tiny fixed feature network in place of Inception-V3 (whose weights the tests cannot download)."""
+
+    def __init__(self, weights=None) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.projection = torch.randn(3 * 8 * 8, 16, generator=generator)
+        self.num_features = 16
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.float().expand(-1, 3, -1, -1)
+        return torch.tanh(images.reshape(images.shape[0], -1) @ self.projection)
+
+
+def _rgb_folder(folder, count: int = 24):
+    from PIL import Image
+
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(1)
+    for index in range(count):
+        pixels = (torch.rand(8, 8, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{index:03d}.png")
+    return folder
+
+
+def test_fid_kid_and_precision_recall_run_offline_with_a_stand_in_network(
+    tmp_path, capsys, monkeypatch, torch_single_thread
+):
+    """The whole command on RGB data, with a stand-in for Inception: every number in the JSON, nothing downloaded."""
+    import ddpm_components.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation, "InceptionFeatures", _StandInInception)
+    folder = tmp_path / "rgb_model"
+    pipeline = tiny_pipeline(num_train_timesteps=20)
+    pipeline.unet = tiny_unet(in_channels=3, out_channels=3)
+    pipeline.register_modules(unet=pipeline.unet)
+    pipeline.save_pretrained(folder)
+    out = tmp_path / "report.json"
+    flags = ["--metrics", "fid,kid,precision-recall", "--data", str(_rgb_folder(tmp_path / "real"))]
+    flags += ["--num-samples", "12", "--steps", "3", "--json", str(out)]
+    assert main(["evaluate", "--model", str(folder), *flags]) == 0
+    printed = capsys.readouterr().out
+    assert "FID at this sample size: real vs real" in printed
+    report = json.loads(out.read_text())
+    assert report["features"] == {"fid": "inception", "kid": "inception", "precision-recall": "inception"}
+    row = report["samplers"]["ddpm"]["3"]
+    assert row["fid"] > 0 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1 and "kid" in row
+    assert report["reference"]["noise_vs_real_fid"] > 0
+
+
+def test_fid_without_torch_fidelity_fails_before_sampling_with_what_to_install(
+    saved_model, capsys, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # absent, whatever this machine has
+    monkeypatch.setattr("ddpm_components.sampling.sample_batches", _no_sampling)
+    assert main(["evaluate", "--model", str(saved_model), "--metrics", "fid", "--steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "pip install 'ddpm-components[fid]'" in err
+
+
+def _no_sampling(*args, **kwargs):
+    raise AssertionError("sampled before the checks")

@@ -9,7 +9,16 @@ import torch
 
 from ddpm_components.data import digits_split_indices, digits_tensor
 from ddpm_components.digits_classifier import accuracy, load_digits_classifier, train_digits_classifier
-from ddpm_components.evaluation import digits_fd, digits_kid
+from ddpm_components.evaluation import (
+    INCEPTION_WEIGHTS_NAME,
+    INCEPTION_WEIGHTS_URL,
+    digits_fd,
+    digits_kid,
+    feature_space,
+    find_inception_weights,
+    frechet_distance,
+    precision_recall,
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +84,81 @@ def test_the_classifier_script_reproduces_an_accurate_network():
     assert max(differences) < 1e-4, (
         "retraining on this torch version gives other weights than the shipped ones"
     )
+
+
+def _brute_force_precision_recall(generated, reference, k):
+    """Kynkäänniemi et al. (2019) written out with loops: each set's k-NN radii, then membership."""
+
+    def radii(points):
+        return [sorted(float((p - q).norm()) for q in points)[k] for p in points]  # [0] is the point itself
+
+    real_radii, fake_radii = radii(reference), radii(generated)
+    precision = sum(
+        any(float((g - r).norm()) < radius for r, radius in zip(reference, real_radii)) for g in generated
+    ) / len(generated)
+    recall = sum(
+        any(float((r - g).norm()) < radius for g, radius in zip(generated, fake_radii)) for r in reference
+    ) / len(reference)
+    return precision, recall
+
+
+def test_precision_recall_matches_a_brute_force_computation():
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(40, 5, generator=generator, dtype=torch.float64)
+    generated = torch.randn(30, 5, generator=generator, dtype=torch.float64) * 1.5 + 0.7
+    precision, recall = precision_recall(generated, reference, nearest_k=3)
+    expected = _brute_force_precision_recall(generated, reference, 3)
+    assert (precision, recall) == pytest.approx(expected, abs=1e-9)
+    assert 0 < precision < 1 and 0 < recall < 1  # a case where both sides matter
+    assert precision_recall(reference, reference) == (1.0, 1.0)
+    assert precision_recall(reference + 100.0, reference) == (0.0, 0.0)
+
+
+def test_frechet_distance_of_features_matches_scipy():
+    generator = torch.Generator().manual_seed(1)
+    a = torch.randn(200, 6, generator=generator, dtype=torch.float64)
+    b = (
+        torch.randn(150, 6, generator=generator, dtype=torch.float64) @ torch.diag(torch.linspace(0.5, 2, 6, dtype=torch.float64))
+        + 0.3
+    )
+    cov_a, cov_b = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
+    root = scipy.linalg.sqrtm(cov_a @ cov_b).real
+    direct = float(((a.mean(0) - b.mean(0)) ** 2).sum()) + float(np.trace(cov_a + cov_b - 2 * root))
+    assert frechet_distance(a, b) == pytest.approx(direct, rel=1e-6)
+
+
+def test_metrics_follow_the_data_and_refuse_digit_metrics_on_other_data():
+    digits = torch.zeros(4, 1, 8, 8)
+    rgb = torch.zeros(4, 3, 16, 16)
+    assert [feature_space(m, digits) for m in ("fd", "fid", "kid", "precision-recall")] == [
+        "digits",
+        "inception",
+        "digits",
+        "digits",
+    ]
+    assert feature_space("kid", rgb) == feature_space("precision-recall", rgb) == "inception"
+    for metric in ("fd", "accuracy"):
+        with pytest.raises(ValueError, match=rf"{metric} uses the digits classifier.*\(3, 16, 16\).*use fid"):
+            feature_space(metric, rgb)
+
+
+def test_inception_weights_are_found_or_the_error_says_where_to_put_which_file(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)
+    with pytest.raises(ValueError, match=r"pip install 'ddpm-components\[fid\]'"):
+        find_inception_weights()
+    monkeypatch.setitem(sys.modules, "torch_fidelity", types.ModuleType("torch_fidelity"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    expected = tmp_path / "hub" / "checkpoints" / INCEPTION_WEIGHTS_NAME
+    with pytest.raises(ValueError) as error:
+        find_inception_weights()
+    assert str(expected) in str(error.value) and INCEPTION_WEIGHTS_URL in str(error.value)
+    assert "never downloads" in str(error.value)
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"not the weights")
+    with pytest.raises(
+        ValueError, match=r"is not torch-fidelity's weights-inception-2015-12-05-6726825d.pth"
+    ):
+        find_inception_weights(other)
