@@ -293,11 +293,12 @@ def _run_train(args: argparse.Namespace) -> int:
         evaluation = summary.get("evaluation") or {}
         if evaluation:
             parts = []
-            if "eval_fd" in evaluation:
-                steps, _ = evaluation_steps(config)
-                parts.append(
-                    f"digits FD {evaluation['eval_fd']:.2f} ({config.eval_num_samples} samples, {steps} steps)"
-                )
+            steps, _ = evaluation_steps(config)
+            for key, title in (("eval_fd", "digits FD"), ("eval_fid", "FID")):
+                if key in evaluation:
+                    parts.append(
+                        f"{title} {evaluation[key]:.2f} ({config.eval_num_samples} samples, {steps} steps)"
+                    )
             parts.append(
                 f"bits/dim {evaluation['eval_bpd']:.3f} ± {evaluation['eval_bpd_stderr']:.3f} (estimate)"
             )

@@ -315,6 +315,14 @@ class TrainingConfig:
             "(default: min(20, num_train_timesteps); ddpm-components evaluate runs the full chain)"
         },
     )
+    inception_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": "torch-fidelity's weights-inception-2015-12-05-6726825d.pth: evaluations of a folder dataset "
+            "then add the FID of --eval-num-samples samples against up to 256 training images (never downloaded; "
+            "needs pip install 'ddpm-components[fid]')"
+        },
+    )
     samples_per_class: int = field(
         default=10, metadata={"help": "grid columns per class (class-conditional) ..."}
     )
@@ -371,6 +379,10 @@ class TrainingConfig:
             raise ValueError(
                 f"eval_num_samples must be at least 2 (a Fréchet distance), got {self.eval_num_samples}"
             )
+        if self.inception_weights is not None and self.evaluate:
+            from .evaluation import find_inception_weights
+
+            find_inception_weights(self.inception_weights)
         if self.guidance_scale != 1.0 and self.conditioning == "none":
             raise ValueError(
                 f"guidance_scale={self.guidance_scale} needs a class-conditional model, but conditioning='none'; "
@@ -1102,14 +1114,14 @@ def evaluate_during_training(
       (:func:`~ddpm_components.evaluation.bits_per_dim_estimate`, K = ``eval_bpd_timesteps``) on the digits'
       held-out test split, or on up to 256 training images of a folder (then a training-set number);
     - ``eval_fd``: on 8×8 digits only, the digits FD of ``eval_num_samples`` samples (balanced class labels for a
-      class-conditional model; ``eval_inference_steps`` steps of the model's own scheduler) against the test split.
+      class-conditional model; ``eval_inference_steps`` steps of the model's own scheduler) against the test split;
+    - ``eval_fid``: on a folder dataset with ``inception_weights``, the FID of as many samples against those
+      training images.
     """
     import torch
 
     from .data import DigitsDataset
-    from .evaluation import bits_per_dim_estimate, digits_fd, reference_digits
-    from .pipeline_ddpm import DDPMPipeline
-    from .sampling import sample_batches
+    from .evaluation import SampleQuality, bits_per_dim_estimate, reference_digits
 
     digits = isinstance(dataset, DigitsDataset) and dataset.resolution == 8
     if digits:
@@ -1131,22 +1143,40 @@ def evaluate_during_training(
         generator=generator,
     )
     numbers = {"eval_bpd": bound.total, "eval_bpd_stderr": bound.stderr}
-    if digits and (stop is None or not stop()):
-        pipeline = DDPMPipeline(unet=unet, scheduler=scheduler)
-        batches = sample_batches(
-            pipeline,
-            range(config.eval_num_samples),
-            seed=config.seed,
-            num_inference_steps=steps,
-            batch_size=min(config.eval_num_samples, 250),
-            class_label_of=None if num_classes is None else (lambda index: index % num_classes),
-            show_progress=False,
-            callback_on_step_end=None if stop is None else _stop_sampling_when(stop),
-        )
-        samples = torch.cat([images_uint8 for _, images_uint8 in batches])
+    metric = "fd" if digits else ("fid" if config.inception_weights is not None else None)
+    if metric is not None and (stop is None or not stop()):
+        quality = SampleQuality(images.cpu(), [metric], inception_weights=config.inception_weights)
+        samples = _evaluation_samples(unet, scheduler, config, num_classes, steps, stop)
         if stop is None or not stop():
-            numbers["eval_fd"] = digits_fd(samples.float() / 127.5 - 1.0, images.cpu())
+            numbers[f"eval_{metric}"] = quality(samples)[metric]
     return numbers
+
+
+def _evaluation_samples(
+    unet: Any,
+    scheduler: Any,
+    config: TrainingConfig,
+    num_classes: int | None,
+    steps: int,
+    stop: Callable[[], bool] | None,
+) -> torch.Tensor:
+    """``eval_num_samples`` samples in [-1, 1], balanced over the classes, seeded by the run's seed."""
+    import torch
+
+    from .pipeline_ddpm import DDPMPipeline
+    from .sampling import sample_batches
+
+    batches = sample_batches(
+        DDPMPipeline(unet=unet, scheduler=scheduler),
+        range(config.eval_num_samples),
+        seed=config.seed,
+        num_inference_steps=steps,
+        batch_size=min(config.eval_num_samples, 250),
+        class_label_of=None if num_classes is None else (lambda index: index % num_classes),
+        show_progress=False,
+        callback_on_step_end=None if stop is None else _stop_sampling_when(stop),
+    )
+    return torch.cat([images for _, images in batches]).float() / 127.5 - 1.0
 
 
 def evaluation_steps(config: TrainingConfig) -> tuple[int, int]:
@@ -1165,6 +1195,11 @@ def _evaluation_for_card(config: TrainingConfig, numbers: dict[str, float]) -> d
             f"digits FD, {config.eval_num_samples} samples, {steps} steps of the model's scheduler, vs the digits' "
             "held-out test split (lower is better)"
         ] = f"{numbers['eval_fd']:.2f}"
+    if "eval_fid" in numbers:
+        rows[
+            f"FID (Inception-V3), {config.eval_num_samples} samples, {steps} steps of the model's scheduler, vs up "
+            "to 256 training images (lower is better)"
+        ] = f"{numbers['eval_fid']:.2f}"
     rows[f"bits/dim on {data} (unbiased estimate from {timesteps} timesteps per image)"] = (
         f"{numbers['eval_bpd']:.3f} ± {numbers['eval_bpd_stderr']:.3f}"
     )

@@ -118,7 +118,8 @@ def test_frechet_distance_of_features_matches_scipy():
     generator = torch.Generator().manual_seed(1)
     a = torch.randn(200, 6, generator=generator, dtype=torch.float64)
     b = (
-        torch.randn(150, 6, generator=generator, dtype=torch.float64) @ torch.diag(torch.linspace(0.5, 2, 6, dtype=torch.float64))
+        torch.randn(150, 6, generator=generator, dtype=torch.float64)
+        @ torch.diag(torch.linspace(0.5, 2, 6, dtype=torch.float64))
         + 0.3
     )
     cov_a, cov_b = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)

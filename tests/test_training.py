@@ -461,3 +461,48 @@ def test_evaluation_during_and_after_training(tmp_path, capsys):
         ValueError, match=r"eval_inference_steps \(60\) must be at most num_train_timesteps \(50\)"
     ):
         TrainingConfig(**{**TINY, "evaluate": True, "eval_inference_steps": 60})
+
+
+def test_folder_data_gets_an_fid_with_inception_weights(tmp_path, capsys, monkeypatch):
+    """With --inception-weights a folder dataset's evaluation adds the FID (a stand-in network here: the real
+    weights cannot be downloaded in tests); a missing weights file fails before training, in one line."""
+    import ddpm_components.evaluation as evaluation
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for index in range(12):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
+            tmp_path / "images" / f"{index}.png"
+        )
+    flags = [
+        "--train-data-dir",
+        str(tmp_path / "images"),
+        "--resolution",
+        "8",
+        "--block-out-channels",
+        "8,16",
+    ]
+    flags += ["--layers-per-block", "1", "--train-batch-size", "4", "--num-inference-steps", "2"]
+    flags += ["--num-train-timesteps", "20", "--max-train-steps", "2", "--eval-num-samples", "6"]
+    flags += ["--eval-inference-steps", "2", "--checkpointing-steps", "0", "--inception-weights"]
+    code = main(["train", "--output-dir", str(tmp_path / "refused"), *flags, str(tmp_path / "missing.pth")])
+    assert code == 2 and not (tmp_path / "refused").exists()
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+    class StandIn(torch.nn.Module):
+        num_features = 4
+
+        def __init__(self, weights) -> None:
+            super().__init__()
+            self.projection = torch.randn(3 * 8 * 8, 4, generator=torch.Generator().manual_seed(0))
+
+        def forward(self, images):
+            return images.reshape(images.shape[0], -1).float() @ self.projection
+
+    monkeypatch.setattr(evaluation, "find_inception_weights", lambda weights=None: Path(weights))
+    monkeypatch.setattr(evaluation, "InceptionFeatures", StandIn)
+    assert main(["train", "--output-dir", str(tmp_path / "run"), *flags, str(tmp_path / "stand-in.pth")]) == 0
+    assert "evaluation: FID" in capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["eval_fid"] > 0 for record in records if "eval_fid" in record] == [True]
+    assert "FID (Inception-V3), 6 samples" in (tmp_path / "run" / "README.md").read_text()
