@@ -462,6 +462,11 @@ class SampleQuality:
         self.metrics = tuple(metrics)
         self.spaces = {metric: feature_space(metric, self.reference) for metric in self.metrics}
         self.batch_size, self.nearest_k = batch_size, nearest_k
+        if "precision-recall" in self.metrics and self.reference.shape[0] <= nearest_k:
+            raise ValueError(
+                f"precision-recall with k = {nearest_k} neighbours needs more than {nearest_k} reference images, "
+                f"got {self.reference.shape[0]}"
+            )
         self.networks: dict[str, torch.nn.Module] = {}
         if "digits" in self.spaces.values():
             self.networks["digits"] = _DigitsFeatures()
@@ -470,6 +475,15 @@ class SampleQuality:
                 inception if inception is not None else InceptionFeatures(inception_weights)
             )
         self._reference_features: dict[str, torch.Tensor] = {}
+
+    def check_sample_count(self, num_samples: int) -> None:
+        """Refuse, before sampling, a number of samples the metrics cannot use."""
+        needed = self.nearest_k + 1 if "precision-recall" in self.metrics else 2
+        if set(self.metrics) - {"accuracy"} and num_samples < needed:
+            raise ValueError(
+                f"num_samples={num_samples} is too few for {', '.join(self.metrics)}: at least {needed} "
+                "(a few hundred for numbers worth reading)"
+            )
 
     def reference_features(self, space: str) -> torch.Tensor:
         if space not in self._reference_features:
@@ -654,6 +668,7 @@ def evaluate_samplers(
     from .sampling import sample_batches
 
     quality = reference if isinstance(reference, SampleQuality) else SampleQuality(reference, metrics)
+    quality.check_sample_count(num_samples)
     specs = check_samplers(pipeline, schedulers, steps)
     saved_scheduler = pipeline.scheduler
     conditional = getattr(pipeline.unet.config, "num_class_embeds", None) is not None
@@ -888,6 +903,7 @@ def run_evaluation(
             inception_weights=inception_weights,
             batch_size=500,
         )
+        quality.check_sample_count(num_samples)
     report: dict[str, Any] = {
         "model": model_name,
         "num_samples": num_samples,
