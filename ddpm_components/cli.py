@@ -269,26 +269,11 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, options: type) -> No
 def _run_train(args: argparse.Namespace) -> int:
     """Train; exit code 0, 1 when the loss diverged (NaN/inf), 128 + the signal number after SIGINT / SIGTERM
     (130 / 143), each with one line on stderr; bad options, data, folders or checkpoints raise ValueError (2)."""
-    import dataclasses
+    from .training import TrainingConfig, evaluation_steps, train
 
-    from .training import TrainingConfig, TrainingDiverged, TrainingInterrupted, evaluation_steps, train
-
-    names = [item.name for item in dataclasses.fields(TrainingConfig)]
-    config = TrainingConfig(**{name: getattr(args, name) for name in names})
-    try:
-        summary = train(config)
-    except TrainingInterrupted as interrupt:
-        print(f"ddpm-components train: {interrupt}", file=sys.stderr)
-        return interrupt.exit_code
-    except TrainingDiverged as error:
-        if error.is_main_process:
-            print(f"ddpm-components train: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:  # before train() installed its handlers
-        print(
-            "ddpm-components train: interrupted before training started; nothing was written", file=sys.stderr
-        )
-        return 130
+    config, summary = _run_training_command("train", train, TrainingConfig, args)
+    if isinstance(summary, int):
+        return summary
     if summary.get("is_main_process", True):
         loss = summary[
             "loss"
@@ -313,6 +298,33 @@ def _run_train(args: argparse.Namespace) -> int:
             )
             print("evaluation: " + "; ".join(parts) + " (ddpm-components evaluate measures more)")
     return 0
+
+
+def _run_training_command(
+    command: str, run: Any, options: type, args: argparse.Namespace
+) -> tuple[Any, dict[str, Any] | int]:
+    """``(options from args, run(options))``, or the exit code in place of the summary after an interrupt
+    (128 + the signal number) or a divergence (1), each reported in one line on stderr (``train``, ``distill``)."""
+    import dataclasses
+
+    from .training import TrainingDiverged, TrainingInterrupted
+
+    config = options(**{item.name: getattr(args, item.name) for item in dataclasses.fields(options)})
+    try:
+        return config, run(config)
+    except TrainingInterrupted as interrupt:
+        print(f"ddpm-components {command}: {interrupt}", file=sys.stderr)
+        return config, interrupt.exit_code
+    except TrainingDiverged as error:
+        if error.is_main_process:
+            print(f"ddpm-components {command}: error: {error}", file=sys.stderr)
+        return config, error.exit_code
+    except KeyboardInterrupt:  # before the run installed its handlers
+        print(
+            f"ddpm-components {command}: interrupted before training started; nothing was written",
+            file=sys.stderr,
+        )
+        return config, 130
 
 
 # ----------------------------------------------------------------------------------------------- sample
@@ -791,22 +803,11 @@ def _add_distill_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_distill(args: argparse.Namespace) -> int:
     """Distil; exit codes as ``train``'s."""
-    import dataclasses
-
     from .distillation import DistillationConfig, distill
-    from .training import TrainingDiverged, TrainingInterrupted
 
-    names = [item.name for item in dataclasses.fields(DistillationConfig)]
-    config = DistillationConfig(**{name: getattr(args, name) for name in names})
-    try:
-        summary = distill(config)
-    except TrainingInterrupted as interrupt:
-        print(f"ddpm-components distill: {interrupt}", file=sys.stderr)
-        return interrupt.exit_code
-    except TrainingDiverged as error:
-        if error.is_main_process:
-            print(f"ddpm-components distill: error: {error}", file=sys.stderr)
-        return error.exit_code
+    config, summary = _run_training_command("distill", distill, DistillationConfig, args)
+    if isinstance(summary, int):
+        return summary
     if summary.get("is_main_process", True):
         rounds = summary["rounds"]
         chain = " -> ".join([str(rounds[0]["teacher_steps"])] + [str(r["student_steps"]) for r in rounds])
