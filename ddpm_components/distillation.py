@@ -570,7 +570,8 @@ class _DistillLoop(_TrainLoop):
 
     def _build_model(self) -> None:
         super()._build_model()
-        teacher = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+        # a copy of the loaded teacher, not of the prepared student (whose forward accelerate may have wrapped)
+        teacher = copy.deepcopy(self.teacher_info.pipeline.unet).to(self.accelerator.device)
         teacher.eval().requires_grad_(False)
         self.teacher = teacher
         self.accelerator.register_for_checkpointing(_ModuleState(teacher))
