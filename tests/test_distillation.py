@@ -337,3 +337,82 @@ def test_distill_refuses_an_output_folder_that_holds_another_run(teacher_dir, tm
         code == 2 and len(err) == 1 and "holds another training run" in err[0] and "--overwrite" in err[0]
     ), err
     assert sorted(path.name for path in out.iterdir()) == before
+
+
+def test_bridge_round_truncated_snr_and_evaluations_during_distillation(teacher_dir, tmp_path):
+    """A bridge round (4 → 4, the ε → v conversion), then 4 → 2; evaluations every 2 steps report the digits FD at the
+    step count of the round that just ended; the final evaluation is in the model card."""
+    output = tmp_path / "student"
+    summary = distill(
+        tiny_distill(
+            teacher_dir,
+            output,
+            bridge_steps=2,
+            steps_per_round=2,
+            loss_weighting="truncated_snr",
+            evaluate=True,
+            eval_every_steps=2,
+            eval_num_samples=20,
+        )
+    )
+    assert [(r["teacher_steps"], r["student_steps"]) for r in summary["rounds"]] == [(4, 4), (4, 2)]
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [(r["step"], r["eval_steps"]) for r in records if "eval_fd" in r]
+    assert evaluations == [(2, 4), (4, 2)]
+    assert all(r["loss"] is not None and r["loss"] >= 0 for r in records if "loss" in r)
+    assert "steps (distilled)" in (output / "README.md").read_text()
+    assert "pipe(num_inference_steps=2).images[0]" in (output / "README.md").read_text()
+
+
+def test_ctrl_c_in_a_real_process_keeps_the_checkpoint_and_the_printed_command_finishes(
+    teacher_dir, tmp_path
+):
+    """SIGINT to the process group of a running `ddpm-components distill`: exit 130, one line naming the kept
+    checkpoint and the resume command, which (run again) finishes the distillation."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+    import time
+
+    from ddpm_components.training import list_checkpoints
+
+    folder = tmp_path / "run"
+    arguments = ["--model", str(teacher_dir), "--output-dir", str(folder), "--teacher-steps", "4"]
+    arguments += ["--target-steps", "2", "--steps-per-round", "150", "--checkpointing-steps", "3"]
+    arguments += ["--train-batch-size", "8", "--no-evaluate", "--logging-steps", "1"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "ACCELERATE_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ddpm_components", "distill", *arguments],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list_checkpoints(folder):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-3000:]
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("ddpm-components")]
+    assert len(lines) == 1 and lines[0].startswith(
+        "ddpm-components distill: interrupted by SIGINT at step "
+    ), lines
+    assert "kept " in lines[0] and "Traceback" not in stderr
+    command = shlex.split(lines[0].split("Resume with: ", 1)[1])
+    assert (
+        command[:2] == ["ddpm-components", "distill"] and command[command.index("--resume") + 1] == "latest"
+    )
+    assert main(command[1:]) == 0
+    assert (
+        json.loads((folder / "scheduler" / "scheduler_config.json").read_text())[
+            "_default_num_inference_steps"
+        ]
+        == 2
+    )
