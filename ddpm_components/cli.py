@@ -353,9 +353,10 @@ def _add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--steps",
         type=_steps_value,
-        default=1000,
+        default=None,
         help="denoising steps (1000 = the DDPM paper; fewer is faster and rougher), or a respacing string for our "
-        "scheduler such as ddim50 or 10,15,20",
+        "scheduler such as ddim50 or 10,15,20 (default: the model's own, 1000, or the step count of a model made by "
+        "`distill`)",
     )
     parser.add_argument(
         "--scheduler",
@@ -511,6 +512,8 @@ def _run_sample(args: argparse.Namespace) -> int:
             strength=0.5 if args.strength is None else args.strength,
         )
     labels = args.class_label if args.class_label is not None else args.class_name
+    if args.steps is None:
+        args.steps = getattr(pipeline, "default_num_inference_steps", 1000)
     pipeline.check_inputs(  # the labels (names), steps and image against this model, before anything is written
         batch_size=len(labels) if labels is not None and len(labels) > 1 else 1,
         generator=None,

@@ -1040,7 +1040,9 @@ class DDPMPipeline(DiffusionPipeline):
     def _sample_grid(self, num_images: int, steps: int | None, seed: int) -> Any:
         """Sample ``num_images`` images and arrange them in a near-square grid (a PIL image)."""
         num_train_timesteps = int(getattr(self.scheduler.config, "num_train_timesteps", 1000))
-        steps = min(100 if steps is None else steps, num_train_timesteps)
+        steps = min(
+            min(100, self.default_num_inference_steps) if steps is None else steps, num_train_timesteps
+        )
         conditional, num_classes, null_label = self._class_info()
         labels = None
         if conditional and null_label is None and num_classes:

@@ -185,7 +185,7 @@ def test_a_tiny_round_halves_the_steps_and_matches_the_teachers_two_step_samples
 
 # ---------------------------------------------------------------------------------------- the saved model
 def test_the_distilled_pipeline_samples_in_its_steps_by_default_where_our_package_is_absent(
-    teacher_dir, tmp_path, run_python
+    teacher_dir, tmp_path, run_python, capsys
 ):
     output = tmp_path / "student"
     distill(tiny_distill(teacher_dir, output, teacher_steps=8, target_steps=2, steps_per_round=2))
@@ -205,6 +205,11 @@ def test_the_distilled_pipeline_samples_in_its_steps_by_default_where_our_packag
     images = pipeline(batch_size=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
     expected_images = sample_on_grid(pipeline.unet, Grid(pipeline.scheduler.alphas_cumprod, 2), noise)
     torch.testing.assert_close(images, ((expected_images + 1) / 2).clamp(0, 1), rtol=0, atol=1e-4)
+    # `ddpm-components sample` without --steps: the model's own count
+    assert (
+        main(["sample", "--model", str(output), "--num-images", "2", "--out", str(tmp_path / "g.png")]) == 0
+    )
+    assert "2 images, 2 steps" in capsys.readouterr().out
 
     result = run_python(
         f"""
