@@ -5,7 +5,8 @@ Sub-commands:
 - ``forward``: show the forward (noising) process q(x_t | x_0) on a few embedded digits, x_0 → x_T;
 - ``sample``: sample images from a saved pipeline (a folder or a Hub repo id);
 - ``push``: push a saved pipeline folder to the Hugging Face Hub;
-- ``train``: train a DDPM on a folder of images or on the embedded digits.
+- ``train``: train a DDPM on a folder of images or on the embedded digits;
+- ``distill``: progressive distillation of a trained model into a few-step sampler.
 
 Errors: every mistake in the options or the input files is reported as one line on stderr before any long work,
 with exit code 2 (see :func:`main` for the other exit codes); ``DDPM_COMPONENTS_DEBUG=1`` shows the traceback.
@@ -207,10 +208,6 @@ def _run_forward(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ train
 def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     """``train``: one flag per :class:`~ddpm_components.training.TrainingConfig` field, generated from it."""
-    import dataclasses
-    import types
-    import typing
-
     from .training import TrainingConfig
 
     parser = subparsers.add_parser(
@@ -224,14 +221,28 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
             "`accelerate launch -m ddpm_components train ...` (see docs/training.md)."
         ),
     )
-    hints = typing.get_type_hints(TrainingConfig)
-    for item in dataclasses.fields(TrainingConfig):
+    _add_dataclass_options(parser, TrainingConfig)
+    parser.set_defaults(func=_run_train)
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, options: type) -> None:
+    """One flag per field of the dataclass ``options`` (``--name-with-dashes``), typed, with its help and default;
+    a field whose metadata says ``required`` is a required flag."""
+    import dataclasses
+    import types
+    import typing
+
+    hints = typing.get_type_hints(options)
+    for item in dataclasses.fields(options):
         flag = "--" + item.name.replace("_", "-")
         annotation = hints[item.name]
         optional = isinstance(annotation, types.UnionType) and type(None) in typing.get_args(annotation)
         if optional:
             annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
         help_text = item.metadata.get("help", "")
+        if item.metadata.get("required"):
+            parser.add_argument(flag, type=annotation, required=True, help=help_text)
+            continue
         if "default" not in help_text:
             help_text += f" (default: {item.default})"
         if annotation is bool:
@@ -253,32 +264,16 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
             parser.add_argument(flag, type=number_or_none, default=item.default, help=help_text)
         else:
             parser.add_argument(flag, type=annotation, default=item.default, help=help_text)
-    parser.set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
     """Train; exit code 0, 1 when the loss diverged (NaN/inf), 128 + the signal number after SIGINT / SIGTERM
     (130 / 143), each with one line on stderr; bad options, data, folders or checkpoints raise ValueError (2)."""
-    import dataclasses
+    from .training import TrainingConfig, evaluation_steps, train
 
-    from .training import TrainingConfig, TrainingDiverged, TrainingInterrupted, evaluation_steps, train
-
-    names = [item.name for item in dataclasses.fields(TrainingConfig)]
-    config = TrainingConfig(**{name: getattr(args, name) for name in names})
-    try:
-        summary = train(config)
-    except TrainingInterrupted as interrupt:
-        print(f"ddpm-components train: {interrupt}", file=sys.stderr)
-        return interrupt.exit_code
-    except TrainingDiverged as error:
-        if error.is_main_process:
-            print(f"ddpm-components train: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:  # before train() installed its handlers
-        print(
-            "ddpm-components train: interrupted before training started; nothing was written", file=sys.stderr
-        )
-        return 130
+    config, summary = _run_training_command("train", train, TrainingConfig, args)
+    if isinstance(summary, int):
+        return summary
     if summary.get("is_main_process", True):
         loss = summary[
             "loss"
@@ -304,6 +299,33 @@ def _run_train(args: argparse.Namespace) -> int:
             )
             print("evaluation: " + "; ".join(parts) + " (ddpm-components evaluate measures more)")
     return 0
+
+
+def _run_training_command(
+    command: str, run: Any, options: type, args: argparse.Namespace
+) -> tuple[Any, dict[str, Any] | int]:
+    """``(options from args, run(options))``, or the exit code in place of the summary after an interrupt
+    (128 + the signal number) or a divergence (1), each reported in one line on stderr (``train``, ``distill``)."""
+    import dataclasses
+
+    from .training import TrainingDiverged, TrainingInterrupted
+
+    config = options(**{item.name: getattr(args, item.name) for item in dataclasses.fields(options)})
+    try:
+        return config, run(config)
+    except TrainingInterrupted as interrupt:
+        print(f"ddpm-components {command}: {interrupt}", file=sys.stderr)
+        return config, interrupt.exit_code
+    except TrainingDiverged as error:
+        if error.is_main_process:
+            print(f"ddpm-components {command}: error: {error}", file=sys.stderr)
+        return config, error.exit_code
+    except KeyboardInterrupt:  # before the run installed its handlers
+        print(
+            f"ddpm-components {command}: interrupted before training started; nothing was written",
+            file=sys.stderr,
+        )
+        return config, 130
 
 
 # ----------------------------------------------------------------------------------------------- sample
@@ -332,9 +354,10 @@ def _add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--steps",
         type=_steps_value,
-        default=1000,
+        default=None,
         help="denoising steps (1000 = the DDPM paper; fewer is faster and rougher), or a respacing string for our "
-        "scheduler such as ddim50 or 10,15,20",
+        "scheduler such as ddim50 or 10,15,20 (default: the model's own, 1000, or the step count of a model made by "
+        "`distill`)",
     )
     parser.add_argument(
         "--scheduler",
@@ -492,6 +515,8 @@ def _run_sample(args: argparse.Namespace) -> int:
             strength=0.5 if args.strength is None else args.strength,
         )
     labels = args.class_label if args.class_label is not None else args.class_name
+    if args.steps is None:
+        args.steps = getattr(pipeline, "default_num_inference_steps", 1000)
     pipeline.check_inputs(  # the labels (names), steps and image against this model, before anything is written
         batch_size=len(labels) if labels is not None and len(labels) > 1 else 1,
         generator=None,
@@ -775,6 +800,50 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- distill
+def _add_distill_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``distill``: one flag per :class:`~ddpm_components.distillation.DistillationConfig` field."""
+    from .distillation import DistillationConfig
+
+    parser = subparsers.add_parser(
+        "distill",
+        help="progressive distillation: a saved model that samples in a few deterministic steps (e.g. 4)",
+        description=(
+            "Progressive distillation (Salimans & Ho 2022): starting from --teacher-steps DDIM steps of --model, each "
+            "round trains a v-predicting student to match two teacher steps with one, then makes it the teacher, "
+            "down to --target-steps. Saves a pipeline (DiffusionPipeline.from_pretrained(output_dir, "
+            "trust_remote_code=True)) that samples in --target-steps steps by default, with checkpoints, "
+            "metrics.jsonl and samples.png; Ctrl-C keeps the last checkpoint (--resume latest). See docs/distillation.md."
+        ),
+    )
+    _add_dataclass_options(parser, DistillationConfig)
+    parser.set_defaults(func=_run_distill)
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    """Distil; exit codes as ``train``'s."""
+    from .distillation import DistillationConfig, distill
+
+    config, summary = _run_training_command("distill", distill, DistillationConfig, args)
+    if isinstance(summary, int):
+        return summary
+    if summary.get("is_main_process", True):
+        rounds = summary["rounds"]
+        chain = " -> ".join([str(rounds[0]["teacher_steps"])] + [str(r["student_steps"]) for r in rounds])
+        print(
+            f"distilled {chain} steps in {len(rounds)} rounds ({summary['global_step']} optimizer steps, "
+            f"{summary['wall_time']:.0f} s); the pipeline (default {rounds[-1]['student_steps']} steps), samples.png "
+            f"and metrics.jsonl are in {summary['output_dir']}"
+        )
+        evaluation = summary.get("evaluation") or {}
+        if "eval_fd" in evaluation:
+            print(
+                f"evaluation: digits FD {evaluation['eval_fd']:.2f} ({config.eval_num_samples} samples, "
+                f"{int(evaluation['eval_steps'])} steps)"
+            )
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
@@ -787,6 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_push_parser(subparsers)
     _add_train_parser(subparsers)
     _add_evaluate_parser(subparsers)
+    _add_distill_parser(subparsers)
     return parser
 
 

@@ -53,6 +53,10 @@ SAMPLE_GRID_NAME = "samples.png"
 TRAINING_CONFIG_NAME = "training_config.json"
 #: the list of files a completed save wrote (relative paths): what a later save may replace or remove
 SAVE_MANIFEST_NAME = ".ddpm_components_save.json"
+#: scheduler config key (private, so diffusers loads it without a warning and keeps it through ``from_config``): the
+#: number of steps :meth:`DDPMPipeline.__call__` runs when ``num_inference_steps`` is not given (e.g. 4 for a model
+#: made by progressive distillation); absent: 1000
+DEFAULT_STEPS_CONFIG_KEY = "_default_num_inference_steps"
 _CARD_TAGS = ["pytorch", "diffusers", "ddpm", "ddpm-components", "unconditional-image-generation"]
 # model-loading keywords forwarded to each component's from_pretrained by DDPMPipeline.from_pretrained
 _MODEL_LOAD_KWARGS = ("torch_dtype", "variant", "use_safetensors", "low_cpu_mem_usage", "device_map")
@@ -280,6 +284,13 @@ class DDPMPipeline(DiffusionPipeline):
     def num_timesteps(self) -> int:
         """How many denoising steps the current (or last) call runs."""
         return getattr(self, "_num_timesteps", 0)
+
+    @property
+    def default_num_inference_steps(self) -> int:
+        """The steps :meth:`__call__` runs by default: the scheduler config's ``_default_num_inference_steps`` (set by
+        ``ddpm-components distill``), else 1000 (the DDPM paper's chain)."""
+        value = getattr(self.scheduler, "config", {}).get(DEFAULT_STEPS_CONFIG_KEY)
+        return value if _is_integer(value) and value >= 1 else 1000
 
     @property
     def interrupt(self) -> bool:
@@ -626,7 +637,7 @@ class DDPMPipeline(DiffusionPipeline):
         self,
         batch_size: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        num_inference_steps: int | str = 1000,
+        num_inference_steps: int | str | None = None,
         timesteps: list[int] | None = None,
         class_labels: int | str | list[int | str] | torch.Tensor | None = None,
         guidance_scale: float = 1.0,
@@ -644,7 +655,8 @@ class DDPMPipeline(DiffusionPipeline):
                 images make the batch themselves).
             generator: a ``torch.Generator`` or one per image, for reproducible sampling.
             num_inference_steps: number of denoising steps (1000 reproduces the DDPM paper); a string (e.g.
-                ``"ddim50"``) is passed on to schedulers that take respacing strings, such as ours.
+                ``"ddim50"``) is passed on to schedulers that take respacing strings, such as ours. Default: the
+                scheduler config's ``_default_num_inference_steps`` (a distilled model's step count), else 1000.
             timesteps: custom descending timesteps (for schedulers whose ``set_timesteps`` takes them);
                 overrides ``num_inference_steps``.
             class_labels: one label or one per image, for class-conditional U-Nets: integers, or names from the
@@ -672,6 +684,8 @@ class DDPMPipeline(DiffusionPipeline):
             FloatingPointError: the samples hold NaN or infinity (see :meth:`postprocess`).
         """
         # 1. check every input before any work
+        if num_inference_steps is None:
+            num_inference_steps = self.default_num_inference_steps
         self.check_inputs(
             batch_size, generator, num_inference_steps, timesteps, class_labels, guidance_scale, image, strength,
             output_type, callback_on_step_end, callback_on_step_end_tensor_inputs,
@@ -880,10 +894,11 @@ class DDPMPipeline(DiffusionPipeline):
         channels, height, width = self._sample_shape()
         parameters = sum(p.numel() for p in unet.parameters()) if isinstance(unet, torch.nn.Module) else None
         trust = ", trust_remote_code=True" if remote_code else ""
+        steps = self.default_num_inference_steps
         call = (
-            "pipe(num_inference_steps=1000, class_labels=[0]).images[0]"
+            f"pipe(num_inference_steps={steps}, class_labels=[0]).images[0]"
             if conditional and null_label is None
-            else ("pipe(num_inference_steps=1000).images[0]")
+            else (f"pipe(num_inference_steps={steps}).images[0]")
         )
         lines = [
             f"# {repo_id.split('/')[-1]}",
@@ -1025,7 +1040,9 @@ class DDPMPipeline(DiffusionPipeline):
     def _sample_grid(self, num_images: int, steps: int | None, seed: int) -> Any:
         """Sample ``num_images`` images and arrange them in a near-square grid (a PIL image)."""
         num_train_timesteps = int(getattr(self.scheduler.config, "num_train_timesteps", 1000))
-        steps = min(100 if steps is None else steps, num_train_timesteps)
+        steps = min(
+            min(100, self.default_num_inference_steps) if steps is None else steps, num_train_timesteps
+        )
         conditional, num_classes, null_label = self._class_info()
         labels = None
         if conditional and null_label is None and num_classes:

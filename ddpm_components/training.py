@@ -357,14 +357,7 @@ class TrainingConfig:
 
         Checks what the options alone decide; :func:`train` checks the data, the output folder and a
         resumed checkpoint before it writes anything."""
-        hints = get_type_hints(type(self))
-        for item in dataclasses.fields(self):
-            hint, value = hints[item.name], getattr(self, item.name)
-            choices = get_args(hint) if getattr(hint, "__origin__", None) is Literal else ()
-            if choices and value not in choices:
-                raise ValueError(f"{item.name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-            if float in (hint, *get_args(hint)) and value is not None and not math.isfinite(value):
-                raise ValueError(f"{item.name} must be a finite number, got {value}")
+        _check_options_of(self)
         self._validate_counts()
         self._validate_rates()
         if self.block_out_channels is not None:
@@ -460,6 +453,18 @@ class TrainingConfig:
         if unknown:
             raise ValueError(f"unknown training option(s) {unknown}; valid options: {sorted(names)}")
         return cls(**values)
+
+
+def _check_options_of(options: Any) -> None:
+    """``ValueError`` for a field of the dataclass ``options`` outside its ``Literal`` choices, or a non-finite float."""
+    hints = get_type_hints(type(options))
+    for item in dataclasses.fields(options):
+        hint, value = hints[item.name], getattr(options, item.name)
+        choices = get_args(hint) if getattr(hint, "__origin__", None) is Literal else ()
+        if choices and value not in choices:
+            raise ValueError(f"{item.name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        if float in (hint, *get_args(hint)) and value is not None and not math.isfinite(value):
+            raise ValueError(f"{item.name} must be a finite number, got {value}")
 
 
 def parse_channels(text: str) -> tuple[int, ...]:
@@ -857,9 +862,16 @@ def check_resume(
 def resume_command(config: TrainingConfig, **changes: Any) -> str:
     """The ``ddpm-components train`` command line that continues ``config``'s run (``--resume latest``), with
     ``changes`` to its options (e.g. ``learning_rate=1e-4``); options at their defaults are left out."""
-    values = {**config.to_dict(), **changes, "resume": "latest", "overwrite": False}
-    words = ["ddpm-components", "train"]
-    for item in dataclasses.fields(TrainingConfig):
+    return command_line("train", config, **changes)
+
+
+def command_line(subcommand: str, config: Any, **changes: Any) -> str:
+    """The ``ddpm-components SUBCOMMAND`` command line that continues the run of ``config`` (a dataclass of
+    options, one flag per field, as ``train`` and ``distill`` take them) with ``--resume latest`` and ``changes``;
+    options at their defaults are left out (fields without a default are always written)."""
+    values = {**dataclasses.asdict(config), **changes, "resume": "latest", "overwrite": False}
+    words = ["ddpm-components", subcommand]
+    for item in dataclasses.fields(config):
         value = values[item.name]
         if value == item.default and item.name != "output_dir":
             continue
@@ -1408,8 +1420,13 @@ def train(config: TrainingConfig) -> dict[str, Any]:
     handles signals itself). Signal handlers are restored on return.
     """
     config.validate()
+    return run_loop(lambda stop: _TrainLoop(config, stop))
+
+
+def run_loop(make_loop: Callable[[_StopSignals], _TrainLoop]) -> dict[str, Any]:
+    """Run a :class:`_TrainLoop` (made by ``make_loop`` under the stop-signal handlers) through its phases."""
     with _StopSignals() as stop:
-        loop = _TrainLoop(config, stop)
+        loop = make_loop(stop)
         try:
             loop.setup()
             loop.restore()
@@ -1500,9 +1517,7 @@ class _TrainLoop:
 
         config, accelerator = self.config, self.accelerator
         set_seed(config.seed)
-        class_names = getattr(self.dataset, "class_names", None)
-        unet = build_model(config, self.dataset.num_channels, self.num_classes, class_names)
-        self.scheduler = build_scheduler(config)
+        unet, self.scheduler = self._new_model()
         self.null_class_label = unet.null_class_label if self.num_classes is not None else None
         self._check_class_options()
         if config.gradient_checkpointing:
@@ -1545,6 +1560,12 @@ class _TrainLoop:
         self.progress = _Progress()
         accelerator.register_for_checkpointing(self.progress)
         self.run_record = self._run_record(unet)
+
+    def _new_model(self) -> tuple[Any, Any]:
+        """The U-Net to train (freshly initialised) and the noise scheduler (a hook: distillation loads a teacher)."""
+        class_names = getattr(self.dataset, "class_names", None)
+        unet = build_model(self.config, self.dataset.num_channels, self.num_classes, class_names)
+        return unet, build_scheduler(self.config)
 
     def _check_class_options(self) -> None:
         """Label dropout and the sample grids' guidance need the U-Net's null class (and the guidance classes)."""
@@ -1596,7 +1617,7 @@ class _TrainLoop:
                 accelerator.print(f"no checkpoint in {config.output_dir}: starting from step 0")
         else:
             files = ["model.safetensors", "optimizer.bin", f"random_states_{accelerator.process_index}.pkl"]
-            files += [f"custom_checkpoint_{index}.pkl" for index in range(2 if self.ema is not None else 1)]
+            files += [f"custom_checkpoint_{index}.pkl" for index in range(self._num_checkpointed_objects())]
             saved = check_resume(
                 self.resume_path, self.run_record, self.folder.run_id, config.max_train_steps, files
             )
@@ -1615,6 +1636,14 @@ class _TrainLoop:
         self.start_step = self.progress.global_step
         self.lr_scheduler = _learning_rate_schedule(config, self.optimizer, self.start_step)
         self.stop.raise_if_requested()
+
+    def _num_checkpointed_objects(self) -> int:
+        """How many objects :meth:`_build_model` registered for checkpointing (the EMA and the step counter)."""
+        return 2 if self.ema is not None else 1
+
+    def resume_command(self, **changes: Any) -> str:
+        """The command line that continues this run (see :func:`resume_command`)."""
+        return resume_command(self.config, **changes)
 
     # ------------------------------------------------------------------------------------ start
     def start(self) -> None:
@@ -1698,14 +1727,7 @@ class _TrainLoop:
             self._record_indices(micro_step, batch)
         class_labels = batch["class_labels"] if self.num_classes is not None else None
         with accelerator.accumulate(self.model):
-            terms = training_loss(
-                self.model,
-                self.scheduler,
-                batch["pixel_values"],
-                generator=self.step_seeds(micro_step),
-                class_labels=class_labels,
-                **self.loss_options,
-            )
+            terms = self.loss(micro_step, batch, class_labels)
             accelerator.backward(terms.loss)
             if accelerator.sync_gradients and config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
@@ -1723,6 +1745,19 @@ class _TrainLoop:
             self.ema.step(accelerator.unwrap_model(self.model).parameters())
         self.progress.global_step += 1
         return True
+
+    def loss(
+        self, micro_step: int, batch: dict[str, torch.Tensor], class_labels: torch.Tensor | None
+    ) -> LossTerms:
+        """The loss terms of one micro-batch (a hook: distillation has its own objective)."""
+        return training_loss(
+            self.model,
+            self.scheduler,
+            batch["pixel_values"],
+            generator=self.step_seeds(micro_step),
+            class_labels=class_labels,
+            **self.loss_options,
+        )
 
     # ------------------------------------------------------------------------------------- log
     def log(self, step: int) -> None:
@@ -1793,7 +1828,7 @@ class _TrainLoop:
             if checkpoints
             else "no checkpoint was written before it, so a resumed run starts from step 0"
         )
-        command = resume_command(self.config, learning_rate=float(lower))
+        command = self.resume_command(learning_rate=float(lower))
         return TrainingDiverged(
             f"{what}; stopped without saving the model; {kept}. Resume with a lower learning rate: {command}",
             is_main_process=self.is_main,
@@ -1825,14 +1860,8 @@ class _TrainLoop:
         EMA U-Net when the caller has made it already (the final evaluation)."""
         numbers: dict[str, float] = {}
         if self.is_main:
-            numbers = evaluate_during_training(
-                unet if unet is not None else _ema_unet(self.accelerator, self.model, self.ema),
-                self.scheduler,
-                self.config,
-                self.dataset,
-                self.num_classes,
-                self.accelerator.device,
-                self.stop.requested,
+            numbers = self._evaluation_numbers(
+                unet if unet is not None else _ema_unet(self.accelerator, self.model, self.ema), step
             )
             self.stop.raise_if_requested()  # an unfinished evaluation is not logged
             _append_json_line(self.output_dir / METRICS_NAME, {"step": step, **numbers})
@@ -1843,6 +1872,22 @@ class _TrainLoop:
             self.bar.write(f"step {step}: {shown}")
         self.accelerator.wait_for_everyone()
         return numbers
+
+    def _evaluation_numbers(self, unet: Any, step: int) -> dict[str, float]:
+        """What :meth:`evaluate` measures of the EMA ``unet`` (a hook: see :func:`evaluate_during_training`)."""
+        return evaluate_during_training(
+            unet,
+            self.scheduler,
+            self.config,
+            self.dataset,
+            self.num_classes,
+            self.accelerator.device,
+            self.stop.requested,
+        )
+
+    def _evaluation_for_card(self, numbers: dict[str, float]) -> dict[str, str]:
+        """The final evaluation as model-card rows (a hook, like :meth:`_evaluation_numbers`)."""
+        return _evaluation_for_card(self.config, numbers)
 
     # ---------------------------------------------------------------------------------- finish
     def finish(self) -> dict[str, Any]:
@@ -1883,7 +1928,7 @@ class _TrainLoop:
             self.phase = "the save"
             pipeline = DDPMPipeline(unet=final_unet, scheduler=self.scheduler)
             shared = shareable_config(config, self.run_id)
-            card_numbers = _evaluation_for_card(config, evaluation) if evaluation else None
+            card_numbers = self._evaluation_for_card(evaluation) if evaluation else None
             # overwrite=True: this run's own training_config.json is not in a save manifest yet, and the folder was
             # checked before training for files at our names that ddpm-components did not write
             pipeline.save_pretrained(
@@ -1953,7 +1998,7 @@ class _TrainLoop:
         when = f"during {self.phase} after step {step}" if self.phase != "training" else f"at step {step}"
         message = (
             f"interrupted by {name} {when}; the model was not saved and no checkpoint was written now; {kept}. "
-            f"Resume with: {resume_command(self.config)}"
+            f"Resume with: {self.resume_command()}"
         )
         return TrainingInterrupted(signal_number, message)
 
