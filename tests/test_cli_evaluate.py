@@ -67,7 +67,10 @@ def test_evaluate_writes_table_json_and_plot(saved_model, tmp_path, capsys, torc
         (["--metrics", "bpd,fid2"], "choose from bpd,fd,fid,kid,precision-recall,accuracy"),
         (["--metrics", "fd", "--plot", "q.png", "--data", "nowhere"], "nowhere"),
         (["--metrics", "kid", "--plot", "q.png"], "--plot draws fd or fid"),
-        (["--metrics", "bpd,precision-recall", "--num-samples", "3", "--steps", "4"], "num_samples=3 is too few"),
+        (
+            ["--metrics", "bpd,precision-recall", "--num-samples", "3", "--steps", "4"],
+            "num_samples=3 is too few",
+        ),
         (["--scheduler", "NoSuch"], "neither 'ddpm'"),
         (["--steps", "ddim5", "--scheduler", "DDIMScheduler"], "only 'ddpm' \\(our scheduler\\) takes"),
         (["--plot", "quality.jpg"], "--plot writes a PNG image"),
