@@ -205,6 +205,74 @@ def _run_forward(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ train
+#: diffusers' train_unconditional.py flags whose names are not ours (besides ``--<field_name>`` with
+#: underscores, which every TrainingConfig field accepts): their TrainingConfig field (docs/training.md's table)
+DIFFUSERS_ALIASES: dict[str, tuple[str, ...]] = {
+    "overwrite": ("--overwrite_output_dir",),
+    "num_samples": ("--eval_batch_size",),
+    "hub_private": ("--hub_private_repo",),
+    "report_to": ("--logger",),
+    "num_train_timesteps": ("--ddpm_num_steps",),
+    "num_inference_steps": ("--ddpm_num_inference_steps",),
+    "beta_schedule": ("--ddpm_beta_schedule",),
+    "resume": ("--resume_from_checkpoint",),
+}
+#: diffusers' flags that are accepted with a one-line note: what they do here instead
+DIFFUSERS_NOTES: dict[str, str] = {
+    "--save_model_epochs": "the pipeline is saved once, at the end (periodic saves of the model are not implemented "
+    "yet); resumable checkpoints are written every --checkpointing-steps",
+    "--logging_dir": "logs are written to <output-dir>/logs (the folder is fixed)",
+    "--local_rank": "the process rank comes from accelerate's environment (as in diffusers, where it is unused)",
+    "--enable_xformers_memory_efficient_attention": "not needed: the U-Net's attention uses torch's "
+    "scaled_dot_product_attention (memory-efficient kernels where available)",
+    "--preserve_input_precision": "not supported: images go through the one 8-bit image path (16-bit greyscale is "
+    "scaled to 8 bits)",
+}
+
+
+def _add_diffusers_flags(parser: argparse.ArgumentParser) -> None:
+    """diffusers' flags without a TrainingConfig field of the same meaning: ``--center_crop``, ``--hub_token``
+    and the noted ones (:data:`DIFFUSERS_NOTES`); none of them changes a default."""
+    group = parser.add_argument_group(
+        "diffusers' train_unconditional.py flags", "accepted as there (see docs/training.md for the table)"
+    )
+    group.add_argument(
+        "--center_crop",
+        dest="crop",
+        action="store_const",
+        const="center",
+        default=argparse.SUPPRESS,
+        help="--crop center",
+    )
+    group.add_argument(
+        "--hub_token", default=None, help="Hub token for --push-to-hub (default: HF_TOKEN or the saved login)"
+    )
+    for flag, note in DIFFUSERS_NOTES.items():
+        switch = flag.startswith(("--enable", "--preserve"))
+        group.add_argument(
+            flag,
+            dest="diffusers_notes",
+            action=_NoteFlag,
+            nargs=0 if switch else None,
+            metavar=None if switch else "VALUE",
+            default=argparse.SUPPRESS,
+            help=f"accepted: {note}",
+        )
+    parser.set_defaults(diffusers_notes=[])
+
+
+class _NoteFlag(argparse.Action):
+    """A diffusers flag accepted with a note: records which flag was given; ``--logging_dir logs`` (where our
+    logs go anyway) needs no note."""
+
+    def __call__(
+        self, parser: Any, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        if option == "--logging_dir" and values == "logs":
+            return
+        namespace.diffusers_notes = [*getattr(namespace, "diffusers_notes", []), option]
+
+
 def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     """``train``: one flag per :class:`~ddpm_components.training.TrainingConfig` field, generated from it."""
     import dataclasses
@@ -227,6 +295,8 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     hints = typing.get_type_hints(TrainingConfig)
     for item in dataclasses.fields(TrainingConfig):
         flag = "--" + item.name.replace("_", "-")
+        # diffusers' spelling of the same option (--train_batch_size), and its other names for it
+        aliases = [f"--{item.name}"] * (flag != f"--{item.name}") + list(DIFFUSERS_ALIASES.get(item.name, ()))
         annotation = hints[item.name]
         optional = isinstance(annotation, types.UnionType) and type(None) in typing.get_args(annotation)
         if optional:
@@ -236,13 +306,13 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
             help_text += f" (default: {item.default})"
         if annotation is bool:
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=item.default, help=help_text
+                flag, *aliases, action=argparse.BooleanOptionalAction, default=item.default, help=help_text
             )
         elif typing.get_origin(annotation) is typing.Literal:
             # no argparse `choices`: TrainingConfig validates (one place) and names the valid values
             choices = typing.get_args(annotation)
             parser.add_argument(
-                flag, default=item.default, metavar="{" + ",".join(choices) + "}", help=help_text
+                flag, *aliases, default=item.default, metavar="{" + ",".join(choices) + "}", help=help_text
             )
         elif optional and annotation in (int, float):
             # an optional number also takes 'none' (e.g. --checkpoints-total-limit none: keep every checkpoint)
@@ -250,9 +320,10 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                 return None if text.strip().lower() == "none" else number_type(text)
 
             number_or_none.__name__ = annotation.__name__  # argparse names the type in its error message
-            parser.add_argument(flag, type=number_or_none, default=item.default, help=help_text)
+            parser.add_argument(flag, *aliases, type=number_or_none, default=item.default, help=help_text)
         else:
-            parser.add_argument(flag, type=annotation, default=item.default, help=help_text)
+            parser.add_argument(flag, *aliases, type=annotation, default=item.default, help=help_text)
+    _add_diffusers_flags(parser)
     parser.set_defaults(func=_run_train)
 
 
@@ -265,6 +336,10 @@ def _run_train(args: argparse.Namespace) -> int:
 
     names = [item.name for item in dataclasses.fields(TrainingConfig)]
     config = TrainingConfig(**{name: getattr(args, name) for name in names})
+    for flag in dict.fromkeys(args.diffusers_notes) if os.environ.get("RANK", "0") == "0" else ():
+        print(f"ddpm-components train: note: {flag} {DIFFUSERS_NOTES[flag]}", file=sys.stderr)
+    if args.hub_token:  # diffusers' --hub_token: the token of this process's Hub calls, never saved
+        os.environ["HF_TOKEN"] = args.hub_token
     try:
         summary = train(config)
     except TrainingInterrupted as interrupt:
