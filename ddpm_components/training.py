@@ -449,6 +449,11 @@ class TrainingConfig:
                 f"guidance_scale={self.guidance_scale} needs a class-conditional model, but conditioning='none'; "
                 "use guidance_scale=1.0 or conditioning 'auto' / 'class'"
             )
+        if self.report_to == "wandb":
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise ValueError("report_to='wandb' needs wandb: pip install 'ddpm-components[wandb]'")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id (e.g. --hub-model-id user/ddpm-digits)")
         if self.resume is not None and self.overwrite:

@@ -77,7 +77,9 @@ def test_every_diffusers_flag_parses_to_its_meaning():
     }
     for name, value in expected.items():
         assert getattr(args, name) == value, name
-    assert sorted(args.diffusers_notes) == sorted(DIFFUSERS_NOTES)  # each accepted flag without a field: a note
+    assert sorted(args.diffusers_notes) == sorted(
+        DIFFUSERS_NOTES
+    )  # each accepted flag without a field: a note
     flags = {word.split("=")[0] for word in shlex.split(DIFFUSERS_COMMAND)}
     assert len(flags) == 45
 
@@ -93,7 +95,9 @@ def test_defaults_stay_ours_and_diffusers_spellings_are_aliases():
 
 def _unet_config(tmp_path: Path) -> Path:
     folder = tmp_path / "unet_config"
-    tiny_diffusers_unet().save_config(str(folder))  # diffusers' UNet2DModel: 2 levels, attention on the second
+    tiny_diffusers_unet().save_config(
+        str(folder)
+    )  # diffusers' UNet2DModel: 2 levels, attention on the second
     return folder
 
 
@@ -156,7 +160,9 @@ def test_train_from_a_parquet_file_with_an_integer_label_column(tmp_path):
 
 def test_train_streaming_for_max_train_steps(tmp_path):
     data = write_image_folder(tmp_path / "pets", per_class=4)
-    options = dict(TINY_TRAINING, train_batch_size=4, checkpointing_steps=3, evaluate=True, eval_bpd_timesteps=2)
+    options = dict(
+        TINY_TRAINING, train_batch_size=4, checkpointing_steps=3, evaluate=True, eval_bpd_timesteps=2
+    )
     config = TrainingConfig(
         output_dir=str(tmp_path / "out"),
         dataset_name=str(data),
@@ -176,11 +182,20 @@ def test_train_streaming_for_max_train_steps(tmp_path):
     ("words", "message"),
     [
         (["--dataset_name", "DATA", "--image_column", "photo"], "--image-column 'photo' is not a column of"),
-        (["--dataset_name", "DATA", "--dataset-split", "test"], "Unknown split \"test\". Should be one of ['train']"),
-        (["--dataset_name", "DATA", "--dataset-streaming", "--num_epochs", "2"], "num_epochs needs the dataset's len"),
+        (
+            ["--dataset_name", "DATA", "--dataset-split", "test"],
+            "Unknown split \"test\". Should be one of ['train']",
+        ),
+        (
+            ["--dataset_name", "DATA", "--dataset-streaming", "--num_epochs", "2"],
+            "num_epochs needs the dataset's len",
+        ),
         (["--image-column", "photo"], "image_column='photo' need(s) dataset_name"),
         (["--dataset_name", "DATA", "--train_data_dir", "DATA"], "exclude each other"),
-        (["--model_config_name_or_path", "./nothing"], "is neither a JSON file nor a folder holding config.json"),
+        (
+            ["--model_config_name_or_path", "./nothing"],
+            "is neither a JSON file nor a folder holding config.json",
+        ),
         (["--logger", "comet"], "report_to must be one of 'none', 'tensorboard', 'wandb', got 'comet'"),
     ],
 )
@@ -191,5 +206,49 @@ def test_bad_data_options_are_one_line_and_exit_code_2(tmp_path, capsys, words, 
     code = main(["train", "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"), *words])
     err = capsys.readouterr().err.strip()  # (datasets' progress bars may come first)
     assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
-    assert message in err.splitlines()[-1] and err.splitlines()[-1].startswith("ddpm-components train: error:")
+    assert message in err.splitlines()[-1] and err.splitlines()[-1].startswith(
+        "ddpm-components train: error:"
+    )
     assert not out.exists()
+
+
+def test_a_hub_dataset_id_through_the_loopback_hub(hub_server, run_python, tmp_path):
+    """`--dataset_name user/name` downloads through huggingface_hub (HF_ENDPOINT: the loopback Hub) and trains;
+    the same id streams."""
+    import os
+
+    data = write_image_folder(tmp_path / "pets", per_class=4)
+    env = {**hub_server.env, "PYTHONPATH": str(Path(__file__).parents[1])}
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        env.pop(name, None)
+    env["HF_DATASETS_CACHE"] = str(tmp_path / "datasets_cache")
+    result = run_python(
+        f"""
+        import datasets, huggingface_hub, os
+        os.makedirs("upload/data")
+        datasets.load_dataset({str(data)!r}, split="train", cache_dir="prepare").to_parquet(
+            "upload/data/train-00000-of-00001.parquet")
+        api = huggingface_hub.HfApi()
+        api.create_repo("me/pets", repo_type="dataset")
+        api.upload_folder(folder_path="upload", repo_id="me/pets", repo_type="dataset")
+
+        from ddpm_components.cli import main
+        from ddpm_components.data import build_hf_image_dataset
+        code = main(["train", "--dataset_name", "me/pets", "--output_dir", "out", "--resolution", "8",
+                     "--train_batch_size", "4", "--max-train-steps", "2", "--block-out-channels", "8,16",
+                     "--layers-per-block", "1", "--ddpm_num_steps", "20", "--ddpm_num_inference_steps", "2",
+                     "--samples-per-class", "1", "--no-evaluate", "--checkpointing_steps", "0"])
+        assert code == 0, code
+        print("class_names", open("out/unet/config.json").read().count('"cat"'))
+        streamed = build_hf_image_dataset("me/pets", resolution=4, streaming=True)
+        print("streamed", len(list(streamed)), streamed.class_names)
+        """,
+        env=env,
+        block_package=False,
+        timeout=600,
+    )
+    assert "class_names 1" in result.stdout and "streamed 8 ('cat', 'dog')" in result.stdout, result.stdout
+    assert any(path.startswith("/api/datasets/me/pets") for _, path in hub_server.state.requests)
+    assert (
+        os.environ.get("HF_ENDPOINT") != hub_server.endpoint
+    )  # only the subprocess talked to the loopback Hub
