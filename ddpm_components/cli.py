@@ -234,8 +234,18 @@ def _add_diffusers_flags(parser: argparse.ArgumentParser) -> None:
     """diffusers' flags without a TrainingConfig field of the same meaning: ``--center_crop``, ``--hub_token``
     and the noted ones (:data:`DIFFUSERS_NOTES`); none of them changes a default."""
     group = parser.add_argument_group(
-        "diffusers' train_unconditional.py flags", "accepted as there (see docs/training.md for the table)"
+        "diffusers' train_unconditional.py flags",
+        "accepted as there (see docs/training.md for the table); every option above also takes diffusers' "
+        "spelling with underscores (--train_batch_size)",
     )
+    options = {option: action for action in parser._actions for option in action.option_strings}
+    for name, aliases in DIFFUSERS_ALIASES.items():
+        for alias in aliases:
+            _add_alias(group, options[f"--{name.replace('_', '-')}"], alias, f"= --{name.replace('_', '-')}")
+    for option, action in options.items():  # --train_batch_size: hidden from --help, to keep it readable
+        spelling = "--" + option[2:].replace("-", "_")
+        if option.startswith("--") and not option.startswith("--no-") and spelling != option:
+            _add_alias(group, action, spelling, argparse.SUPPRESS)
     group.add_argument(
         "--center_crop",
         dest="crop",
@@ -259,6 +269,15 @@ def _add_diffusers_flags(parser: argparse.ArgumentParser) -> None:
             help=f"accepted: {note}",
         )
     parser.set_defaults(diffusers_notes=[])
+
+
+def _add_alias(group: Any, action: argparse.Action, alias: str, help_text: str) -> None:
+    """``alias`` for ``action``'s option, as diffusers declares it: a boolean as a switch (``store_true``)."""
+    options = {"dest": action.dest, "default": argparse.SUPPRESS, "help": help_text}
+    if isinstance(action, argparse.BooleanOptionalAction):
+        group.add_argument(alias, action="store_true", **options)
+    else:
+        group.add_argument(alias, type=action.type, metavar=action.metavar, **options)
 
 
 class _NoteFlag(argparse.Action):
@@ -296,7 +315,6 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     for item in dataclasses.fields(TrainingConfig):
         flag = "--" + item.name.replace("_", "-")
         # diffusers' spelling of the same option (--train_batch_size), and its other names for it
-        aliases = [f"--{item.name}"] * (flag != f"--{item.name}") + list(DIFFUSERS_ALIASES.get(item.name, ()))
         annotation = hints[item.name]
         optional = isinstance(annotation, types.UnionType) and type(None) in typing.get_args(annotation)
         if optional:
@@ -306,13 +324,13 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
             help_text += f" (default: {item.default})"
         if annotation is bool:
             parser.add_argument(
-                flag, *aliases, action=argparse.BooleanOptionalAction, default=item.default, help=help_text
+                flag, action=argparse.BooleanOptionalAction, default=item.default, help=help_text
             )
         elif typing.get_origin(annotation) is typing.Literal:
             # no argparse `choices`: TrainingConfig validates (one place) and names the valid values
             choices = typing.get_args(annotation)
             parser.add_argument(
-                flag, *aliases, default=item.default, metavar="{" + ",".join(choices) + "}", help=help_text
+                flag, default=item.default, metavar="{" + ",".join(choices) + "}", help=help_text
             )
         elif optional and annotation in (int, float):
             # an optional number also takes 'none' (e.g. --checkpoints-total-limit none: keep every checkpoint)
@@ -320,9 +338,9 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
                 return None if text.strip().lower() == "none" else number_type(text)
 
             number_or_none.__name__ = annotation.__name__  # argparse names the type in its error message
-            parser.add_argument(flag, *aliases, type=number_or_none, default=item.default, help=help_text)
+            parser.add_argument(flag, type=number_or_none, default=item.default, help=help_text)
         else:
-            parser.add_argument(flag, *aliases, type=annotation, default=item.default, help=help_text)
+            parser.add_argument(flag, type=annotation, default=item.default, help=help_text)
     _add_diffusers_flags(parser)
     parser.set_defaults(func=_run_train)
 
