@@ -1674,6 +1674,13 @@ class _TrainLoop:
         self.dataset = build_dataset(config)  # data first: a bad folder fails before any model is built
         self.num_classes = _num_classes(config, self.dataset)
         self.streaming = not hasattr(self.dataset, "__len__")
+        if self.streaming:  # a stream's length is unknown: read as many rows as one batch per process needs
+            need = config.train_batch_size * accelerator.num_processes
+            if len(self.dataset.head(need)) < need:
+                raise ValueError(
+                    f"the streamed dataset has fewer than one batch per process ({config.train_batch_size} x "
+                    f"{accelerator.num_processes}) of readable rows; lower --train-batch-size"
+                )
         if not self.streaming and len(self.dataset) < config.train_batch_size * accelerator.num_processes:
             raise ValueError(
                 f"the dataset has {len(self.dataset)} images, fewer than one batch per process "

@@ -197,11 +197,21 @@ def test_train_streaming_for_max_train_steps(tmp_path):
             "is neither a JSON file nor a folder holding config.json",
         ),
         (["--logger", "comet"], "report_to must be one of 'none', 'tensorboard', 'wandb', got 'comet'"),
+        (
+            ["--dataset_name", "DATA", "--dataset-streaming", "--train_batch_size", "7"],
+            "the streamed dataset has fewer than one batch per process (7 x 1)",
+        ),
+        (
+            ["--model_config_name_or_path", "BAD_UNET"],
+            "cannot convert this UNet2DModel: down_block_types contains ['SkipDownBlock2D']",
+        ),
     ],
 )
 def test_bad_data_options_are_one_line_and_exit_code_2(tmp_path, capsys, words, message):
     data = write_image_folder(tmp_path / "pets")
-    words = [str(data) if word == "DATA" else word for word in words]
+    bad_unet = tmp_path / "unet.json"
+    bad_unet.write_text(json.dumps({"_class_name": "UNet2DModel", "down_block_types": ["SkipDownBlock2D"]}))
+    words = [{"DATA": str(data), "BAD_UNET": str(bad_unet)}.get(word, word) for word in words]
     out = tmp_path / "out"
     code = main(["train", "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"), *words])
     err = capsys.readouterr().err.strip()  # (datasets' progress bars may come first)
