@@ -262,3 +262,19 @@ def test_a_hub_dataset_id_through_the_loopback_hub(hub_server, run_python, tmp_p
     assert (
         os.environ.get("HF_ENDPOINT") != hub_server.endpoint
     )  # only the subprocess talked to the loopback Hub
+
+
+def test_logger_wandb_logs_offline(tmp_path, monkeypatch, capsys):
+    """diffusers' --logger wandb: accelerate's wandb tracker (offline here: WANDB_MODE=offline, no account)."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    data = write_image_folder(tmp_path / "pets")
+    command = f"""train --dataset_name {data} --cache_dir {tmp_path / "cache"} --resolution 8 --train_batch_size 2
+        --max-train-steps 2 --block-out-channels 8,16 --layers-per-block 1 --ddpm_num_steps 20
+        --ddpm_num_inference_steps 2 --samples-per-class 1 --no-evaluate --output_dir out --logger wandb"""
+    assert main(shlex.split(command)) == 0, capsys.readouterr().err
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
