@@ -242,9 +242,21 @@ def _add_diffusers_flags(parser: argparse.ArgumentParser) -> None:
     for name, aliases in DIFFUSERS_ALIASES.items():
         for alias in aliases:
             _add_alias(group, options[f"--{name.replace('_', '-')}"], alias, f"= --{name.replace('_', '-')}")
+    group.add_argument(
+        "--push_to_hub",
+        dest="push_to_hub",
+        action=_DiffusersPush,
+        nargs=0,
+        default=argparse.SUPPRESS,
+        help="= --push-to-hub; without --hub_model_id, to a repository named like --output_dir, as in diffusers",
+    )
     for option, action in options.items():  # --train_batch_size: hidden from --help, to keep it readable
         spelling = "--" + option[2:].replace("-", "_")
-        if option.startswith("--") and not option.startswith("--no-") and spelling != option:
+        if (
+            option.startswith("--")
+            and not option.startswith("--no-")
+            and spelling not in (option, "--push_to_hub")
+        ):
             _add_alias(group, action, spelling, argparse.SUPPRESS)
     group.add_argument(
         "--center_crop",
@@ -278,6 +290,16 @@ def _add_alias(group: Any, action: argparse.Action, alias: str, help_text: str) 
         group.add_argument(alias, action="store_true", **options)
     else:
         group.add_argument(alias, type=action.type, metavar=action.metavar, **options)
+
+
+class _DiffusersPush(argparse.Action):
+    """diffusers' ``--push_to_hub``: also remembers the spelling, for diffusers' default repository name."""
+
+    def __call__(
+        self, parser: Any, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        namespace.push_to_hub = True
+        namespace.diffusers_push = True
 
 
 class _NoteFlag(argparse.Action):
@@ -352,6 +374,9 @@ def _run_train(args: argparse.Namespace) -> int:
 
     from .training import TrainingConfig, TrainingDiverged, TrainingInterrupted, evaluation_steps, train
 
+    if getattr(args, "diffusers_push", False) and args.hub_model_id is None:
+        # diffusers names the repository after the output folder, in the token's namespace
+        args.hub_model_id = Path(args.output_dir).name
     names = [item.name for item in dataclasses.fields(TrainingConfig)]
     config = TrainingConfig(**{name: getattr(args, name) for name in names})
     for flag in dict.fromkeys(args.diffusers_notes) if os.environ.get("RANK", "0") == "0" else ():

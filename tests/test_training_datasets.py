@@ -8,7 +8,8 @@ import shlex
 from pathlib import Path
 
 import pytest
-from conftest import TINY_TRAINING, tiny_diffusers_unet
+from conftest import DUMMY_TOKEN, TINY_TRAINING, tiny_diffusers_unet
+from hub_server import DEFAULT_USER
 from test_data_datasets import offline, write_image_folder  # noqa: F401  (the fixture is used by name)
 
 from ddpm_components.cli import DIFFUSERS_NOTES, build_parser, main
@@ -223,8 +224,8 @@ def test_bad_data_options_are_one_line_and_exit_code_2(tmp_path, capsys, words, 
 
 
 def test_a_hub_dataset_id_through_the_loopback_hub(hub_server, run_python, tmp_path):
-    """`--dataset_name user/name` downloads through huggingface_hub (HF_ENDPOINT: the loopback Hub) and trains;
-    the same id streams."""
+    """`--dataset_name user/name` downloads through huggingface_hub (HF_ENDPOINT: the loopback Hub) and trains,
+    and diffusers' `--push_to_hub` pushes the result; the same id streams."""
     import os
 
     data = write_image_folder(tmp_path / "pets", per_class=4)
@@ -247,7 +248,8 @@ def test_a_hub_dataset_id_through_the_loopback_hub(hub_server, run_python, tmp_p
         code = main(["train", "--dataset_name", "me/pets", "--output_dir", "out", "--resolution", "8",
                      "--train_batch_size", "4", "--max-train-steps", "2", "--block-out-channels", "8,16",
                      "--layers-per-block", "1", "--ddpm_num_steps", "20", "--ddpm_num_inference_steps", "2",
-                     "--samples-per-class", "1", "--no-evaluate", "--checkpointing_steps", "0"])
+                     "--samples-per-class", "1", "--no-evaluate", "--checkpointing_steps", "0",
+                     "--push_to_hub", "--hub_token", {DUMMY_TOKEN!r}])
         assert code == 0, code
         print("class_names", open("out/unet/config.json").read().count('"cat"'))
         streamed = build_hf_image_dataset("me/pets", resolution=4, streaming=True)
@@ -259,6 +261,9 @@ def test_a_hub_dataset_id_through_the_loopback_hub(hub_server, run_python, tmp_p
     )
     assert "class_names 1" in result.stdout and "streamed 8 ('cat', 'dog')" in result.stdout, result.stdout
     assert any(path.startswith("/api/datasets/me/pets") for _, path in hub_server.state.requests)
+    # diffusers' --push_to_hub without --hub_model_id: a repository named like the output folder, in the user's
+    # namespace
+    assert f"{DEFAULT_USER}/out" in hub_server.state.repos
     assert (
         os.environ.get("HF_ENDPOINT") != hub_server.endpoint
     )  # only the subprocess talked to the loopback Hub
