@@ -336,7 +336,6 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     hints = typing.get_type_hints(TrainingConfig)
     for item in dataclasses.fields(TrainingConfig):
         flag = "--" + item.name.replace("_", "-")
-        # diffusers' spelling of the same option (--train_batch_size), and its other names for it
         annotation = hints[item.name]
         optional = isinstance(annotation, types.UnionType) and type(None) in typing.get_args(annotation)
         if optional:
