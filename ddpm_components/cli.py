@@ -206,6 +206,115 @@ def _run_forward(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ train
+#: diffusers' train_unconditional.py flags whose names are not ours (besides ``--<field_name>`` with
+#: underscores, which every TrainingConfig field accepts): their TrainingConfig field (docs/training.md's table)
+DIFFUSERS_ALIASES: dict[str, tuple[str, ...]] = {
+    "overwrite": ("--overwrite_output_dir",),
+    "num_samples": ("--eval_batch_size",),
+    "hub_private": ("--hub_private_repo",),
+    "report_to": ("--logger",),
+    "num_train_timesteps": ("--ddpm_num_steps",),
+    "num_inference_steps": ("--ddpm_num_inference_steps",),
+    "beta_schedule": ("--ddpm_beta_schedule",),
+    "resume": ("--resume_from_checkpoint",),
+}
+#: diffusers' flags that are accepted with a one-line note: what they do here instead
+DIFFUSERS_NOTES: dict[str, str] = {
+    "--save_model_epochs": "the pipeline is saved once, at the end (periodic saves of the model are not implemented "
+    "yet); resumable checkpoints are written every --checkpointing-steps",
+    "--logging_dir": "logs are written to <output-dir>/logs (the folder is fixed)",
+    "--local_rank": "the process rank comes from accelerate's environment (as in diffusers, where it is unused)",
+    "--enable_xformers_memory_efficient_attention": "not needed: the U-Net's attention uses torch's "
+    "scaled_dot_product_attention (memory-efficient kernels where available)",
+    "--preserve_input_precision": "not supported: images go through the one 8-bit image path (16-bit greyscale is "
+    "scaled to 8 bits)",
+}
+
+
+def _add_diffusers_flags(parser: argparse.ArgumentParser) -> None:
+    """diffusers' flags without a TrainingConfig field of the same meaning: ``--center_crop``, ``--hub_token``
+    and the noted ones (:data:`DIFFUSERS_NOTES`); none of them changes a default."""
+    group = parser.add_argument_group(
+        "diffusers' train_unconditional.py flags",
+        "accepted as there (see docs/training.md for the table); every option above also takes diffusers' "
+        "spelling with underscores (--train_batch_size)",
+    )
+    options = {option: action for action in parser._actions for option in action.option_strings}
+    for name, aliases in DIFFUSERS_ALIASES.items():
+        for alias in aliases:
+            _add_alias(group, options[f"--{name.replace('_', '-')}"], alias, f"= --{name.replace('_', '-')}")
+    group.add_argument(
+        "--push_to_hub",
+        dest="push_to_hub",
+        action=_DiffusersPush,
+        nargs=0,
+        default=argparse.SUPPRESS,
+        help="= --push-to-hub; without --hub_model_id, to a repository named like --output_dir, as in diffusers",
+    )
+    for option, action in options.items():  # --train_batch_size: hidden from --help, to keep it readable
+        spelling = "--" + option[2:].replace("-", "_")
+        if (
+            option.startswith("--")
+            and not option.startswith("--no-")
+            and spelling not in (option, "--push_to_hub")
+        ):
+            _add_alias(group, action, spelling, argparse.SUPPRESS)
+    group.add_argument(
+        "--center_crop",
+        dest="crop",
+        action="store_const",
+        const="center",
+        default=argparse.SUPPRESS,
+        help="--crop center",
+    )
+    group.add_argument(
+        "--hub_token", default=None, help="Hub token for --push-to-hub (default: HF_TOKEN or the saved login)"
+    )
+    for flag, note in DIFFUSERS_NOTES.items():
+        switch = flag.startswith(("--enable", "--preserve"))
+        group.add_argument(
+            flag,
+            dest="diffusers_notes",
+            action=_NoteFlag,
+            nargs=0 if switch else None,
+            metavar=None if switch else "VALUE",
+            default=argparse.SUPPRESS,
+            help=f"accepted: {note}",
+        )
+    parser.set_defaults(diffusers_notes=[])
+
+
+def _add_alias(group: Any, action: argparse.Action, alias: str, help_text: str) -> None:
+    """``alias`` for ``action``'s option, as diffusers declares it: a boolean as a switch (``store_true``)."""
+    options = {"dest": action.dest, "default": argparse.SUPPRESS, "help": help_text}
+    if isinstance(action, argparse.BooleanOptionalAction):
+        group.add_argument(alias, action="store_true", **options)
+    else:
+        group.add_argument(alias, type=action.type, metavar=action.metavar, **options)
+
+
+class _DiffusersPush(argparse.Action):
+    """diffusers' ``--push_to_hub``: also remembers the spelling, for diffusers' default repository name."""
+
+    def __call__(
+        self, parser: Any, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        namespace.push_to_hub = True
+        namespace.diffusers_push = True
+
+
+class _NoteFlag(argparse.Action):
+    """A diffusers flag accepted with a note: records which flag was given; ``--logging_dir logs`` (where our
+    logs go anyway) needs no note."""
+
+    def __call__(
+        self, parser: Any, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        if option == "--logging_dir" and values == "logs":
+            return
+        namespace.diffusers_notes = [*getattr(namespace, "diffusers_notes", []), option]
+
+
 def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     """``train``: one flag per :class:`~ddpm_components.training.TrainingConfig` field, generated from it."""
     from .training import TrainingConfig
@@ -222,6 +331,7 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     _add_dataclass_options(parser, TrainingConfig)
+    _add_diffusers_flags(parser)
     parser.set_defaults(func=_run_train)
 
 
@@ -271,7 +381,17 @@ def _run_train(args: argparse.Namespace) -> int:
     (130 / 143), each with one line on stderr; bad options, data, folders or checkpoints raise ValueError (2)."""
     from .training import TrainingConfig, evaluation_steps, train
 
-    config, summary = _run_training_command("train", train, TrainingConfig, args)
+    if getattr(args, "diffusers_push", False) and args.hub_model_id is None:
+        # diffusers names the repository after the output folder, in the token's namespace
+        args.hub_model_id = Path(args.output_dir).name
+
+    def announce(config: TrainingConfig) -> None:  # once the options are valid, before any work
+        for flag in dict.fromkeys(args.diffusers_notes) if os.environ.get("RANK", "0") == "0" else ():
+            print(f"ddpm-components train: note: {flag} {DIFFUSERS_NOTES[flag]}", file=sys.stderr)
+        if args.hub_token:  # diffusers' --hub_token: the token of this process's Hub calls, never saved
+            os.environ["HF_TOKEN"] = args.hub_token
+
+    config, summary = _run_training_command("train", train, TrainingConfig, args, announce)
     if isinstance(summary, int):
         return summary
     if summary.get("is_main_process", True):
@@ -302,15 +422,18 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_training_command(
-    command: str, run: Any, options: type, args: argparse.Namespace
+    command: str, run: Any, options: type, args: argparse.Namespace, announce: Any = None
 ) -> tuple[Any, dict[str, Any] | int]:
     """``(options from args, run(options))``, or the exit code in place of the summary after an interrupt
-    (128 + the signal number) or a divergence (1), each reported in one line on stderr (``train``, ``distill``)."""
+    (128 + the signal number) or a divergence (1), each reported in one line on stderr (``train``, ``distill``).
+    ``announce(options)`` runs once the options are valid, before the run."""
     import dataclasses
 
     from .training import TrainingDiverged, TrainingInterrupted
 
     config = options(**{item.name: getattr(args, item.name) for item in dataclasses.fields(options)})
+    if announce is not None:
+        announce(config)
     try:
         return config, run(config)
     except TrainingInterrupted as interrupt:

@@ -8,11 +8,12 @@ serves it for training; :class:`ImageFolderDataset` serves any folder of images 
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -230,6 +231,42 @@ def _find_image_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     return files, broken
 
 
+def image_to_tensor(
+    image: Image.Image,
+    resolution: int,
+    color_mode: ColorMode = "rgb",
+    crop: CropMode = "center",
+    random_flip: bool = False,
+) -> torch.Tensor:
+    """The one conversion of a training image, for folders and ``datasets`` alike: ``(C, R, R)`` float in [-1, 1].
+
+    :func:`~ddpm_components.pipeline_ddpm.standardize_pil_image` to ``color_mode`` (EXIF orientation applied,
+    16-bit greyscale scaled to 8 bits, transparency composited on black), the shorter side resized to
+    ``resolution`` (bicubic, antialiased), a square crop (``"center"`` or ``"random"``), an optional horizontal
+    flip with probability 1/2, and the map to [-1, 1]. Random crops and flips use torch's global generator."""
+    image = standardize_pil_image(image, "L" if color_mode == "grayscale" else "RGB")
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if size != image.size:
+        image = image.resize(size, resample=Image.Resampling.BICUBIC, reducing_gap=None)
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    x = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    height, width = x.shape[-2:]
+    if crop == "random":
+        top = int(torch.randint(0, height - resolution + 1, ()))
+        left = int(torch.randint(0, width - resolution + 1, ()))
+    else:
+        top = (height - resolution) // 2
+        left = (width - resolution) // 2
+    x = x[:, top : top + resolution, left : left + resolution]
+    if random_flip and torch.rand(()) < 0.5:
+        x = x.flip(-1)
+    return x
+
+
 class ImageFolderDataset(Dataset):
     """Every image under a folder, recursively, for training.
 
@@ -334,27 +371,7 @@ class ImageFolderDataset(Dataset):
     def load_image(self, index: int) -> torch.Tensor:
         """Decode, resize, crop and flip image ``index``; ``(C, R, R)`` float in [-1, 1]."""
         with Image.open(self.paths[index]) as image:
-            image = standardize_pil_image(image, "L" if self.color_mode == "grayscale" else "RGB")
-            width, height = image.size
-            scale = self.resolution / min(width, height)
-            size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
-            if size != image.size:
-                image = image.resize(size, resample=Image.Resampling.BICUBIC, reducing_gap=None)
-            array = np.asarray(image, dtype=np.uint8)
-        if array.ndim == 2:
-            array = array[:, :, None]
-        x = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
-        height, width = x.shape[-2:]
-        if self.crop == "random":
-            top = int(torch.randint(0, height - self.resolution + 1, ()))
-            left = int(torch.randint(0, width - self.resolution + 1, ()))
-        else:
-            top = (height - self.resolution) // 2
-            left = (width - self.resolution) // 2
-        x = x[:, top : top + self.resolution, left : left + self.resolution]
-        if self.random_flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x
+            return image_to_tensor(image, self.resolution, self.color_mode, self.crop, self.random_flip)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         # Files were checked at build time; if one changed on disk since, report it and use the next one.
@@ -370,6 +387,320 @@ class ImageFolderDataset(Dataset):
             label = self.labels[current] if self.labels is not None else -1
             return {"pixel_values": pixel_values, "class_labels": torch.tensor(label), "index": current}
         raise RuntimeError(f"no image under {str(self.root)!r} can be read any more")
+
+
+# ------------------------------------------------------------------------------- `datasets` (Hub and local)
+_SINGLE_FILE_BUILDERS = {
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".csv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+}
+
+
+def _is_saved_to_disk(path: Path) -> bool:
+    """A folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` (read by ``load_from_disk``)."""
+    return path.is_dir() and (
+        ((path / "dataset_info.json").is_file() and (path / "state.json").is_file())
+        or (path / "dataset_dict.json").is_file()
+    )
+
+
+def load_hf_dataset(
+    name: str,
+    config_name: str | None = None,
+    split: str = "train",
+    cache_dir: str | None = None,
+    streaming: bool = False,
+) -> Any:
+    """One split of a dataset that ``datasets`` reads: a Hub id, a local folder that ``load_dataset`` reads
+    (imagefolder, parquet files, ...), a single ``.parquet``/``.arrow``/``.csv``/``.json`` file, or a folder
+    written by ``save_to_disk`` (through ``load_from_disk``). ``streaming=True`` gives an ``IterableDataset``.
+
+    ``ValueError`` (its message starts with ``--dataset-name`` and ``name``) for a split that does not exist (naming
+    the splits that do) or a name that ``datasets`` cannot load."""
+    import datasets
+
+    where = f"--dataset-name {name!r}"
+    path = Path(name).expanduser()
+    try:
+        if _is_saved_to_disk(path):
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise ValueError(f'Unknown split "{split}". Should be one of {sorted(loaded)}.')
+                loaded = loaded[split]
+            return loaded.to_iterable_dataset() if streaming else loaded
+        if path.is_file():
+            builder = _SINGLE_FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise ValueError(
+                    f"cannot read a {path.suffix or 'suffix-less'} file; pass a folder, a Hub id or a file ending in "
+                    f"{', '.join(_SINGLE_FILE_BUILDERS)}"
+                )
+            return datasets.load_dataset(
+                builder,
+                data_files={"train": str(path)},
+                split=split,
+                cache_dir=cache_dir,
+                streaming=streaming,
+            )
+        return datasets.load_dataset(name, config_name, split=split, cache_dir=cache_dir, streaming=streaming)
+    except (ValueError, FileNotFoundError) as error:
+        text = " ".join(str(error).split()) or type(error).__name__
+        if "corresponds to no data" in text:  # datasets' words for an empty split
+            text = f"the split {split!r} is empty: it has no rows"
+        raise ValueError(f"{where}: {text}") from None
+
+
+def _column_list(features: Any) -> str:
+    return ", ".join(f"{name!r} ({type(feature).__name__})" for name, feature in features.items())
+
+
+def resolve_columns(
+    features: Any, image_column: str | None, label_column: str | None, use_labels: bool, where: str
+) -> tuple[str, str | None]:
+    """``(image column, label column or None)`` of a dataset with ``features``; ``ValueError`` naming the bad
+    column and the valid choices for an unknown column, an image column without images, or a label column that is
+    neither a ``ClassLabel`` nor integers. Default image column: ``image`` if it holds images, else the first
+    column that does; default label column (unless ``use_labels`` is False): ``label`` if it is a ``ClassLabel``."""
+    import datasets
+
+    image_columns = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
+    if image_column is None:
+        if not image_columns:
+            raise ValueError(
+                f"{where} has no column of images (columns: {_column_list(features)}); pass --image-column"
+            )
+        image_column = "image" if "image" in image_columns else image_columns[0]
+    elif image_column not in features:
+        raise ValueError(
+            f"--image-column {image_column!r} is not a column of {where}; image columns: {image_columns or 'none'} "
+            f"(all columns: {_column_list(features)})"
+        )
+    elif not isinstance(features[image_column], datasets.Image):
+        raise ValueError(
+            f"--image-column {image_column!r} of {where} holds {features[image_column]}, not images; image "
+            f"columns: {image_columns or 'none'}"
+        )
+    if not use_labels:
+        return image_column, None
+    label_columns = [name for name, feature in features.items() if _is_label_feature(feature)]
+    if label_column is None:
+        found = features.get("label")
+        return image_column, "label" if isinstance(found, datasets.ClassLabel) else None
+    if label_column not in features:
+        raise ValueError(
+            f"--label-column {label_column!r} is not a column of {where}; label columns (ClassLabel or integers): "
+            f"{label_columns or 'none'} (all columns: {_column_list(features)})"
+        )
+    if not _is_label_feature(features[label_column]):
+        raise ValueError(
+            f"--label-column {label_column!r} of {where} holds {features[label_column]}, not class labels (a "
+            f"ClassLabel or an integer column); label columns: {label_columns or 'none'}"
+        )
+    return image_column, label_column
+
+
+def _is_label_feature(feature: Any) -> bool:
+    import datasets
+
+    if isinstance(feature, datasets.ClassLabel):
+        return True
+    return isinstance(feature, datasets.Value) and feature.dtype in (
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+    )
+
+
+def _class_names(dataset: Any, label_column: str, where: str) -> tuple[str, ...]:
+    """The class names of ``label_column`` (position = label): a ``ClassLabel``'s names, else ``"0"`` … ``"K-1"``
+    for integers 0 … K-1 (read from the column; a streamed dataset needs a ``ClassLabel``)."""
+    import datasets
+
+    feature = dataset.features[label_column]
+    if isinstance(dataset, datasets.IterableDataset):
+        if not isinstance(feature, datasets.ClassLabel):
+            raise ValueError(
+                f"--label-column {label_column!r} of {where} holds {feature}: a streamed dataset needs a ClassLabel "
+                "column (its names are the classes; integers would have to be read to the end)"
+            )
+        return tuple(feature.names)
+    labels = np.asarray(dataset.with_format("numpy", columns=[label_column])[label_column])
+    if labels.size and labels.min() < 0:
+        raise ValueError(
+            f"--label-column {label_column!r} of {where} holds the label {int(labels.min())}; labels must be 0 or "
+            "more (a ClassLabel's -1, 'no label', cannot be trained on: drop those rows or use --conditioning none)"
+        )
+    if isinstance(feature, datasets.ClassLabel):
+        return tuple(feature.names)
+    return tuple(str(label) for label in range(int(labels.max()) + 1 if labels.size else 0))
+
+
+class HFImageDataset(Dataset):
+    """One split of a ``datasets`` dataset (map-style) for training, decoded lazily: ``__getitem__`` reads and
+    decodes one row's image and converts it with :func:`image_to_tensor` (the same conversion as folders).
+
+    Items are ``{"pixel_values", "class_labels" (-1 without labels), "index"}``. A row whose image cannot be
+    decoded is reported (a warning) and replaced by the next one. Build it with :func:`build_hf_image_dataset`.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        image_column: str,
+        label_column: str | None,
+        class_names: tuple[str, ...],
+        resolution: int,
+        color_mode: ColorMode = "rgb",
+        crop: CropMode = "center",
+        random_flip: bool = False,
+        name: str = "",
+    ) -> None:
+        self.dataset = dataset
+        self.image_column, self.label_column = image_column, label_column
+        self.class_names = class_names
+        self.resolution, self.color_mode, self.crop, self.random_flip = (
+            resolution,
+            color_mode,
+            crop,
+            random_flip,
+        )
+        self.num_channels = 1 if color_mode == "grayscale" else 3
+        self.name = name
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _item(self, row: dict[str, Any], index: int) -> dict[str, torch.Tensor | int]:
+        image = row[self.image_column]
+        if not isinstance(image, Image.Image):
+            raise ValueError(
+                f"row {index} of column {self.image_column!r} holds {type(image).__name__}, not an image"
+            )
+        pixel_values = image_to_tensor(image, self.resolution, self.color_mode, self.crop, self.random_flip)
+        label = int(row[self.label_column]) if self.label_column is not None else -1
+        return {"pixel_values": pixel_values, "class_labels": torch.tensor(label), "index": index}
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        for attempt in range(len(self.dataset)):
+            current = (index + attempt) % len(self.dataset)
+            try:
+                return self._item(self.dataset[current], current)
+            except Exception as error:  # a corrupt image in the column: report it and use the next row
+                logger.warning(
+                    "skipping row %d of %s (%s: %s)", current, self.name, type(error).__name__, error
+                )
+        raise RuntimeError(f"no image of {self.name} can be read")
+
+
+def build_hf_image_dataset(
+    name: str,
+    resolution: int,
+    config_name: str | None = None,
+    split: str = "train",
+    cache_dir: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    use_labels: bool = True,
+    streaming: bool = False,
+    color_mode: ColorMode = "rgb",
+    crop: CropMode = "center",
+    random_flip: bool = False,
+) -> Any:
+    """A training dataset from ``datasets`` (see :func:`load_hf_dataset`), checked before training: the columns
+    (:func:`resolve_columns`), the labels, and that the split is not empty. Map-style datasets give an
+    :class:`HFImageDataset`; ``streaming=True`` gives a :class:`StreamingImageDataset` (no length)."""
+    import datasets
+
+    where = f"--dataset-name {name!r} (split {split!r})"
+    dataset = load_hf_dataset(name, config_name, split, cache_dir, streaming)
+    if isinstance(dataset, datasets.IterableDataset) and dataset.features is None:
+        dataset = dataset._resolve_features()  # reads the first rows
+    image_column, label_column = resolve_columns(
+        dataset.features, image_column, label_column, use_labels, where
+    )
+    dataset = dataset.select_columns([image_column] + ([label_column] if label_column else []))
+    if (
+        not isinstance(dataset.features[image_column], datasets.Image)
+        or not dataset.features[image_column].decode
+    ):
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=True))
+    class_names = _class_names(dataset, label_column, where) if label_column else ()
+    options = dict(
+        resolution=resolution, color_mode=color_mode, crop=crop, random_flip=random_flip, name=where
+    )
+    if isinstance(dataset, datasets.IterableDataset):
+        if next(iter(dataset.take(1)), None) is None:
+            raise ValueError(f"{where} is empty: it has no rows")
+        return StreamingImageDataset(dataset, image_column, label_column, class_names, **options)
+    if len(dataset) == 0:
+        raise ValueError(f"{where} is empty: it has no rows")
+    return HFImageDataset(dataset, image_column, label_column, class_names, **options)
+
+
+class StreamingImageDataset(torch.utils.data.IterableDataset):
+    """A streamed split (a ``datasets.IterableDataset``) for training: rows are downloaded or read and decoded as
+    training goes (never all stored), through :func:`image_to_tensor`. It has no length: train for
+    ``--max-train-steps``; an epoch ends where the stream does. Each epoch is shuffled with a buffer of
+    ``shuffle_buffer`` rows, seeded by ``seed`` and the epoch (``set_epoch``); torch ``DataLoader`` workers read
+    separate shards of the stream (``datasets`` splits them). A row that cannot be decoded is skipped (warning)."""
+
+    def __init__(
+        self,
+        dataset: Any,
+        image_column: str,
+        label_column: str | None,
+        class_names: tuple[str, ...],
+        resolution: int,
+        color_mode: ColorMode = "rgb",
+        crop: CropMode = "center",
+        random_flip: bool = False,
+        name: str = "",
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+    ) -> None:
+        self.maps = HFImageDataset(
+            dataset, image_column, label_column, class_names, resolution, color_mode, crop, random_flip, name
+        )
+        self.dataset, self.class_names, self.num_channels = dataset, class_names, self.maps.num_channels
+        self.seed, self.shuffle_buffer, self.epoch = seed, shuffle_buffer, 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rows(self, dataset: Any) -> Iterator[dict[str, torch.Tensor | int]]:
+        for index, row in enumerate(dataset):
+            try:
+                yield self.maps._item(row, index)
+            except Exception as error:
+                logger.warning(
+                    "skipping row %d of %s (%s: %s)", index, self.maps.name, type(error).__name__, error
+                )
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor | int]]:
+        dataset = self.dataset.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        dataset.set_epoch(self.epoch)
+        return self._rows(dataset)
+
+    def head(self, count: int) -> list[dict[str, torch.Tensor | int]]:
+        """The first ``count`` readable rows of the stream, unshuffled (e.g. for an evaluation)."""
+        return list(itertools.islice(self._rows(self.dataset), count))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

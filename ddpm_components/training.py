@@ -59,8 +59,10 @@ LossWeighting = Literal["uniform", "min_snr"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 Conditioning = Literal["auto", "class", "none"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
-LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
-ReportTo = Literal["none", "tensorboard"]
+LRScheduler = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+]
+ReportTo = Literal["none", "tensorboard", "wandb"]
 ModelPreset = Literal["digits", "cifar10", "celebahq256", "lsun256"]
 ColorMode = Literal["grayscale", "rgb"]
 CropMode = Literal["center", "random"]
@@ -138,6 +140,43 @@ class TrainingConfig:
             "are class labels. Default: the embedded 8x8 digits (no download)"
         },
     )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "a dataset that the `datasets` library loads: a Hub id (user/name), a local folder it reads "
+            "(imagefolder, parquet files, ...), a .parquet/.arrow/.csv/.json file, or a folder written by save_to_disk"
+        },
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "the configuration of --dataset-name, where it has several"}
+    )
+    dataset_split: str = field(default="train", metadata={"help": "the split of --dataset-name to train on"})
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "where `datasets` stores downloads and prepared data (default: its own, HF_DATASETS_CACHE)"
+        },
+    )
+    image_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "the column of --dataset-name holding the images (default: 'image', else the first image column)"
+        },
+    )
+    label_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "the column of --dataset-name holding class labels, a ClassLabel (its names become the model's "
+            "class_names) or integers 0..K-1 (default: 'label' if it is a ClassLabel, else no labels)"
+        },
+    )
+    dataset_streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "stream --dataset-name instead of downloading and preparing it first (no length: train for "
+            "--max-train-steps; shuffled with a 1000-row buffer)"
+        },
+    )
     resolution: int | None = field(
         default=None,
         metadata={
@@ -172,6 +211,13 @@ class TrainingConfig:
     )
 
     # ---- model and objective
+    model_config_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "a diffusers UNet2DModel configuration (a folder holding config.json, a JSON file or a Hub id), "
+            "converted to this U-Net instead of --model-preset; image size and channels follow the data"
+        },
+    )
     model_preset: ModelPreset = field(
         default="digits",
         metadata={
@@ -215,6 +261,13 @@ class TrainingConfig:
     train_batch_size: int = field(default=128, metadata={"help": "images per batch on each process"})
     max_train_steps: int = field(
         default=1500, metadata={"help": "optimizer steps to train for (a resumed run continues up to it)"}
+    )
+    num_epochs: int | None = field(
+        default=None,
+        metadata={
+            "help": "train for this many passes over the data instead: sets --max-train-steps to num_epochs x the "
+            "optimizer steps of one epoch, once the dataset size is known (not with --dataset-streaming)"
+        },
     )
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "batches accumulated per optimizer step"}
@@ -284,6 +337,13 @@ class TrainingConfig:
     )
     sample_every_steps: int = field(
         default=0, metadata={"help": "write a sample grid every N optimizer steps (0: only at the end)"}
+    )
+    save_images_epochs: int | None = field(
+        default=None,
+        metadata={
+            "help": "write a sample grid every N epochs instead: sets --sample-every-steps to N x the optimizer "
+            "steps of one epoch (not with --dataset-streaming)"
+        },
     )
     num_inference_steps: int = field(default=1000, metadata={"help": "denoising steps for the sample grids"})
     evaluate: bool = field(
@@ -360,6 +420,7 @@ class TrainingConfig:
         _check_options_of(self)
         self._validate_counts()
         self._validate_rates()
+        self._validate_data()
         if self.block_out_channels is not None:
             parse_channels(self.block_out_channels)
         for name in ("num_inference_steps", "eval_inference_steps", "eval_bpd_timesteps"):
@@ -381,6 +442,11 @@ class TrainingConfig:
                 f"guidance_scale={self.guidance_scale} needs a class-conditional model, but conditioning='none'; "
                 "use guidance_scale=1.0 or conditioning 'auto' / 'class'"
             )
+        if self.report_to == "wandb":
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise ValueError("report_to='wandb' needs wandb: pip install 'ddpm-components[wandb]'")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id (e.g. --hub-model-id user/ddpm-digits)")
         if self.resume is not None and self.overwrite:
@@ -403,7 +469,7 @@ class TrainingConfig:
         ]
         positive += [
             name
-            for name in ("resolution", "cpu_threads", "layers_per_block")
+            for name in ("resolution", "cpu_threads", "layers_per_block", "num_epochs", "save_images_epochs")
             if getattr(self, name) is not None
         ]
         for name in positive:
@@ -423,6 +489,46 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be zero or positive, got {getattr(self, name)}")
         if not 0 <= self.seed < 2**32:  # numpy's seed range (accelerate.utils.set_seed seeds numpy too)
             raise ValueError(f"seed must be in [0, 2**32 - 1], got {self.seed}")
+
+    def _validate_data(self) -> None:
+        """The data options: one source, options of ``datasets`` only with --dataset-name, epochs need a length."""
+        if self.dataset_name is not None and self.train_data_dir is not None:
+            raise ValueError(
+                f"dataset_name ({self.dataset_name!r}) and train_data_dir ({self.train_data_dir!r}) exclude each other: "
+                "pass one source of images"
+            )
+        if self.dataset_name is None:
+            given = [
+                f"{name}={getattr(self, name)!r}"
+                for name, default in (
+                    ("dataset_config_name", None),
+                    ("dataset_split", "train"),
+                    ("image_column", None),
+                    ("label_column", None),
+                    ("dataset_streaming", False),
+                )
+                if getattr(self, name) != default
+            ]
+            if given:
+                raise ValueError(f"{', '.join(given)} need(s) dataset_name (a `datasets` dataset to read)")
+        if not self.dataset_split:
+            raise ValueError("dataset_split must name a split, e.g. 'train'")
+        if self.dataset_streaming:
+            for name in ("num_epochs", "save_images_epochs"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name} needs the dataset's length, which a streamed dataset (dataset_streaming) does not "
+                        "have: use max_train_steps / sample_every_steps"
+                    )
+        if self.model_config_name_or_path is not None:
+            path = Path(self.model_config_name_or_path)
+            if (
+                path.exists() or path.is_absolute() or self.model_config_name_or_path.startswith(".")
+            ) and not (path.is_file() or (path / "config.json").is_file()):
+                raise ValueError(
+                    f"model_config_name_or_path {self.model_config_name_or_path!r} is neither a JSON file nor a "
+                    "folder holding config.json"
+                )
 
     def _validate_rates(self) -> None:
         """Float options: their ranges (finiteness is checked for every float option in :meth:`validate`)."""
@@ -885,9 +991,29 @@ def command_line(subcommand: str, config: Any, **changes: Any) -> str:
 
 # ----------------------------------------------------------------------------------------------- data
 def build_dataset(config: TrainingConfig) -> Any:
-    """The training dataset of ``config``: the embedded digits or an :class:`ImageFolderDataset`."""
-    from .data import DigitsDataset, ImageFolderDataset
+    """The training dataset of ``config``: the embedded digits, an :class:`ImageFolderDataset`, or a ``datasets``
+    dataset (:func:`~ddpm_components.data.build_hf_image_dataset`; decoded lazily, streamed with
+    ``dataset_streaming``)."""
+    from .data import DigitsDataset, ImageFolderDataset, build_hf_image_dataset
 
+    if config.dataset_name is not None:
+        dataset = build_hf_image_dataset(
+            config.dataset_name,
+            resolution=_sample_size(config),
+            config_name=config.dataset_config_name,
+            split=config.dataset_split,
+            cache_dir=config.cache_dir,
+            image_column=config.image_column,
+            label_column=config.label_column,
+            use_labels=config.conditioning != "none",
+            streaming=config.dataset_streaming,
+            color_mode=config.color_mode,
+            crop=config.crop,
+            random_flip=config.random_flip,
+        )
+        if config.dataset_streaming:
+            dataset.seed = config.seed
+        return dataset
     if config.train_data_dir is None:
         return DigitsDataset(resolution=config.resolution or 8, random_flip=config.random_flip)
     return ImageFolderDataset(
@@ -906,14 +1032,15 @@ def _num_classes(config: TrainingConfig, dataset: Any) -> int | None:
         return None
     if config.conditioning == "class" and dataset.num_classes < 2:
         raise ValueError(
-            f"conditioning='class' needs labelled data with at least two classes; {config.train_data_dir!r} "
-            f"has {dataset.num_classes} (put the images of each class in its own sub-folder)"
+            f"conditioning='class' needs labelled data with at least two classes; "
+            f"{config.dataset_name or config.train_data_dir!r} has {dataset.num_classes} (put the images of each "
+            "class in its own sub-folder, or name a --label-column)"
         )
     return dataset.num_classes if dataset.num_classes >= 2 else None
 
 
 def _sample_size(config: TrainingConfig) -> int:
-    return config.resolution or (8 if config.train_data_dir is None else 32)
+    return config.resolution or (8 if config.train_data_dir is None and config.dataset_name is None else 32)
 
 
 def build_model(
@@ -929,7 +1056,10 @@ def build_model(
     from .unet_ddpm import DDPMUNet2DModel
 
     sample_size = _sample_size(config)
-    preset = DDPMUNet2DModel.preset_config(config.model_preset)
+    if config.model_config_name_or_path is not None:
+        preset = unet_config_from_diffusers(config.model_config_name_or_path)
+    else:
+        preset = DDPMUNet2DModel.preset_config(config.model_preset)
     overrides: dict[str, Any] = {
         "sample_size": sample_size,
         "in_channels": num_channels,
@@ -952,7 +1082,43 @@ def build_model(
         overrides["layers_per_block"] = config.layers_per_block
     if config.model_dropout is not None:
         overrides["dropout"] = config.model_dropout
+    if config.model_config_name_or_path is not None:
+        preset.pop("class_names", None)  # the data's classes, as with presets
+        overrides["use_null_class_embed"] = num_classes is not None  # label dropout's null class
+        return DDPMUNet2DModel(**{**preset, **overrides})
     return DDPMUNet2DModel.from_preset(config.model_preset, **overrides)
+
+
+def unet_config_from_diffusers(name_or_path: str) -> dict[str, Any]:
+    """Our U-Net configuration for a diffusers ``UNet2DModel`` configuration (``--model-config-name-or-path``, as
+    diffusers' ``train_unconditional.py`` takes it: a folder holding ``config.json``, a JSON file or a Hub id),
+    through the conversion of :meth:`DDPMUNet2DModel.from_unet2d`; ``ValueError`` naming what cannot be converted."""
+    import inspect
+
+    from diffusers import UNet2DModel
+
+    from .unet_ddpm import _config_from_unet2d
+
+    where = f"--model-config-name-or-path {name_or_path!r}"
+    try:
+        config = UNet2DModel.load_config(name_or_path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{where}: {' '.join(str(error).split())}") from None
+    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise ValueError(f"{where} configures a {config['_class_name']}; pass a UNet2DModel configuration")
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(UNet2DModel.__init__).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    values = {**defaults, **{key: value for key, value in config.items() if not key.startswith("_")}}
+    values["_class_names"] = config.get("_class_names")
+    if values.get("sample_size") is None:
+        values["sample_size"] = 32  # replaced by the data's size; needed to place attention levels
+    try:
+        return _config_from_unet2d(values)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{where}: {error}") from None
 
 
 def build_scheduler(config: TrainingConfig) -> Any:
@@ -1139,8 +1305,10 @@ def evaluate_during_training(
     if digits:
         images, labels = reference_digits("test")
     else:
-        count = min(len(dataset), 256)
-        items = [dataset[index] for index in range(count)]
+        if hasattr(dataset, "head"):  # a streamed dataset: its first rows
+            items = dataset.head(256)
+        else:
+            items = [dataset[index] for index in range(min(len(dataset), 256))]
         images = torch.stack([item["pixel_values"] for item in items])
         labels = torch.stack([torch.as_tensor(item["class_labels"]) for item in items])
     images = images.to(device)
@@ -1201,7 +1369,8 @@ def _evaluation_for_card(config: TrainingConfig, numbers: dict[str, float]) -> d
     """The final evaluation as model-card rows: what was measured, and how."""
     rows = {}
     steps, timesteps = evaluation_steps(config)
-    data = "the digits' held-out test split" if config.train_data_dir is None else "training images"
+    digits = config.train_data_dir is None and config.dataset_name is None
+    data = "the digits' held-out test split" if digits else "training images"
     if "eval_fd" in numbers:
         rows[
             f"digits FD, {config.eval_num_samples} samples, {steps} steps of the model's scheduler, vs the digits' "
@@ -1408,6 +1577,29 @@ def _cycle_batches(
         epoch, skip = epoch + 1, 0
 
 
+def _cycle_stream(
+    dataloader: Any, accelerator: Any, start_batch: int
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """:func:`_cycle_batches` for a streamed dataset (no length): epoch ``e`` is the stream shuffled by
+    ``seed + e``; a resumed run reads (and drops) the batches before ``start_batch`` again."""
+    micro_step, epoch = 0, 0
+    while True:
+        dataloader.set_epoch(epoch)
+        if hasattr(dataloader.dataset, "set_epoch"):
+            dataloader.dataset.set_epoch(epoch)
+        batches = 0
+        for batch in dataloader:
+            batches += 1
+            if micro_step >= start_batch:
+                yield micro_step, batch
+            micro_step += 1
+        if batches == 0:
+            raise ValueError(
+                "the streamed dataset is smaller than one batch per process; lower --train-batch-size"
+            )
+        epoch += 1
+
+
 def train(config: TrainingConfig) -> dict[str, Any]:
     """Train a DDPM as configured and save the EMA pipeline at the root of ``config.output_dir``.
 
@@ -1472,12 +1664,17 @@ class _TrainLoop:
             self.output_dir = check_save_directory(config.output_dir)
         except ValueError as error:
             raise ValueError(f"--output-dir: {error}") from None
-        if config.train_data_dir is not None:
-            data = Path(config.train_data_dir).resolve()
-            if self.output_dir.resolve() == data or data in self.output_dir.resolve().parents:
+        for flag, folder in (
+            ("--train-data-dir", config.train_data_dir),
+            ("--dataset-name", config.dataset_name),
+        ):
+            data = Path(folder).resolve() if folder is not None and Path(folder).is_dir() else None
+            if data is not None and (
+                self.output_dir.resolve() == data or data in self.output_dir.resolve().parents
+            ):
                 raise ValueError(
-                    f"--output-dir {config.output_dir!r} lies in --train-data-dir {config.train_data_dir!r}: the run's "
-                    "sample grids would become training images (and a new class); choose an output folder outside it"
+                    f"--output-dir {config.output_dir!r} lies in {flag} {folder!r}: the run's sample grids would "
+                    "become training images (and a new class); choose an output folder outside it"
                 )
         self.accelerator = accelerator = _build_accelerator(config, self.output_dir)
         if accelerator.num_processes > 1:
@@ -1493,7 +1690,15 @@ class _TrainLoop:
 
         self.dataset = build_dataset(config)  # data first: a bad folder fails before any model is built
         self.num_classes = _num_classes(config, self.dataset)
-        if len(self.dataset) < config.train_batch_size * accelerator.num_processes:
+        self.streaming = not hasattr(self.dataset, "__len__")
+        if self.streaming:  # a stream's length is unknown: read as many rows as one batch per process needs
+            need = config.train_batch_size * accelerator.num_processes
+            if len(self.dataset.head(need)) < need:
+                raise ValueError(
+                    f"the streamed dataset has fewer than one batch per process ({config.train_batch_size} x "
+                    f"{accelerator.num_processes}) of readable rows; lower --train-batch-size"
+                )
+        if not self.streaming and len(self.dataset) < config.train_batch_size * accelerator.num_processes:
             raise ValueError(
                 f"the dataset has {len(self.dataset)} images, fewer than one batch per process "
                 f"({config.train_batch_size} x {accelerator.num_processes}); lower --train-batch-size"
@@ -1508,7 +1713,26 @@ class _TrainLoop:
         self.resume_path = _plan_output_folder(config, self.folder)
         self.stop.raise_if_requested()
         self._build_model()
+        self._epochs_to_steps()
         self.stop.raise_if_requested()
+
+    def _epochs_to_steps(self) -> None:
+        """``num_epochs`` and ``save_images_epochs`` (diffusers' options) in optimizer steps, now that the data
+        loader's length is known: one epoch is ceil(batches per process / gradient_accumulation_steps) steps."""
+        config = self.config
+        if config.num_epochs is None and config.save_images_epochs is None:
+            return
+        steps_per_epoch = math.ceil(len(self.dataloader) / config.gradient_accumulation_steps)
+        changes = {}
+        if config.num_epochs is not None:
+            changes["max_train_steps"] = config.num_epochs * steps_per_epoch
+        if config.save_images_epochs is not None:
+            changes["sample_every_steps"] = config.save_images_epochs * steps_per_epoch
+        self.config = dataclasses.replace(config, **changes)
+        self.accelerator.print(
+            f"{steps_per_epoch} optimizer steps per epoch: "
+            + ", ".join(f"{name} {value}" for name, value in changes.items())
+        )
 
     def _build_model(self) -> None:
         import torch
@@ -1547,11 +1771,11 @@ class _TrainLoop:
         dataloader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=config.train_batch_size,
-            shuffle=True,
+            shuffle=not self.streaming,  # a stream shuffles itself (a seeded buffer per epoch)
             drop_last=True,
             num_workers=config.dataloader_num_workers,
             worker_init_fn=_ignore_stop_signals if config.dataloader_num_workers > 0 else None,
-            generator=torch.Generator().manual_seed(config.seed),
+            generator=None if self.streaming else torch.Generator().manual_seed(config.seed),
         )
         self.model, self.optimizer, self.dataloader = accelerator.prepare(unet, optimizer, dataloader)
         if self.ema is not None:
@@ -1591,7 +1815,7 @@ class _TrainLoop:
         class_names = list(getattr(self.dataset, "class_names", None) or []) or None
         return {
             "dataset": {
-                "images": len(self.dataset),
+                "images": None if self.streaming else len(self.dataset),
                 "channels": self.dataset.num_channels,
                 "resolution": _sample_size(config),
                 "class_names": class_names,
@@ -1689,9 +1913,8 @@ class _TrainLoop:
             dynamic_ncols=True,
         )
         self.model.train()
-        batches = _cycle_batches(
-            self.dataloader, accelerator, self.start_step * config.gradient_accumulation_steps
-        )
+        cycle = _cycle_stream if self.streaming else _cycle_batches
+        batches = cycle(self.dataloader, accelerator, self.start_step * config.gradient_accumulation_steps)
         while self.progress.global_step < config.max_train_steps:
             self.stop.raise_if_requested()
             micro_step, batch = next(batches)
@@ -2031,8 +2254,11 @@ def shareable_config(config: TrainingConfig, run_id: str | None = None) -> dict[
     """The training configuration as saved with the model and pushed to the Hub: local paths are reduced to
     their last component (the Hub need not learn the user's folder layout), plus the run id."""
     values = config.to_dict()
-    for name in ("output_dir", "train_data_dir", "resume"):
+    for name in ("output_dir", "train_data_dir", "resume", "cache_dir"):
         if values[name] is not None and values[name] != "latest":
+            values[name] = Path(values[name]).name
+    for name in ("dataset_name", "model_config_name_or_path"):  # a Hub id stays whole, a local path does not
+        if values[name] is not None and os.path.exists(values[name]):
             values[name] = Path(values[name]).name
     if run_id is not None:
         values[RUN_ID_KEY] = run_id

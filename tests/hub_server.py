@@ -14,6 +14,9 @@ client can run create repo → upload → download end to end against it:
 ``HEAD|GET /{ns}/{name}/resolve/{rev}/{path}``          file bytes with ``X-Repo-Commit`` and ``ETag``
 ======================================================  ================================================
 
+Dataset repositories (``/api/datasets/...``, ``/datasets/{ns}/{name}/resolve/...``) are answered by the same
+routes and share the store with models (enough for ``datasets.load_dataset`` of a Hub id).
+
 Authentication rules (to test error handling): write routes need an ``Authorization: Bearer <token>``
 header (401 otherwise); a token that starts with ``"invalid"`` is refused with 401; creating a repository in
 the namespace ``"forbidden"`` answers 403. Missing repositories answer 404 with ``X-Error-Code: RepoNotFound``
@@ -73,12 +76,12 @@ _REPO = r"(?P<repo>[^/]+/[^/]+)"
 _ROUTES = [
     ("POST", re.compile(r"^/api/repos/create$"), "create_repo"),
     ("POST", re.compile(r"^/api/validate-yaml$"), "validate_yaml"),
-    ("POST", re.compile(rf"^/api/models/{_REPO}/preupload/(?P<rev>[^/]+)$"), "preupload"),
-    ("POST", re.compile(rf"^/api/models/{_REPO}/commit/(?P<rev>[^/]+)$"), "commit"),
-    ("GET", re.compile(rf"^/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?$"), "tree"),
-    ("GET", re.compile(rf"^/api/models/{_REPO}(?:/revision/(?P<rev>[^/]+))?$"), "model_info"),
-    ("GET", re.compile(rf"^/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$"), "resolve"),
-    ("HEAD", re.compile(rf"^/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$"), "resolve"),
+    ("POST", re.compile(rf"^/api/(?:models|datasets)/{_REPO}/preupload/(?P<rev>[^/]+)$"), "preupload"),
+    ("POST", re.compile(rf"^/api/(?:models|datasets)/{_REPO}/commit/(?P<rev>[^/]+)$"), "commit"),
+    ("GET", re.compile(rf"^/api/(?:models|datasets)/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?$"), "tree"),
+    ("GET", re.compile(rf"^/api/(?:models|datasets)/{_REPO}(?:/revision/(?P<rev>[^/]+))?$"), "model_info"),
+    ("GET", re.compile(rf"^/(?:datasets/)?{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$"), "resolve"),
+    ("HEAD", re.compile(rf"^/(?:datasets/)?{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$"), "resolve"),
 ]
 
 
