@@ -20,6 +20,7 @@ images, so all 1000 timesteps with 250 images each take about 2 minutes; ``times
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -97,7 +98,10 @@ def estimate_analytic_moments(
     if class_labels is not None and torch.as_tensor(class_labels).numel() != count:
         raise ValueError(f"got {torch.as_tensor(class_labels).numel()} class labels for {count} images")
     wanted = _check_timesteps(timesteps, num_train)
-    device = next(unet.parameters()).device if isinstance(unet, torch.nn.Module) else images.device
+    tensors = (
+        itertools.chain(unet.parameters(), unet.buffers()) if isinstance(unet, torch.nn.Module) else iter(())
+    )
+    device = next(tensors, images).device
     order = torch.randperm(count, generator=generator).repeat((samples + count - 1) // count)[:samples]
     # one flat list of (timestep, image) pairs, M per timestep, processed in batches
     pair_t = torch.tensor(wanted).repeat_interleave(samples)
