@@ -25,12 +25,26 @@ Eq. 5   L_T, L_{t-1}, L_0 (bits per dimension)          :meth:`DDPMScheduler.pri
                                                       :meth:`DDPMScheduler.vlb_terms`, :func:`normal_kl`,
                                                       :func:`discretized_gaussian_log_likelihood`
 SNR(t) = ᾱ_t / (1 - ᾱ_t); min-SNR-γ weights            :meth:`DDPMScheduler.snr`, :meth:`DDPMScheduler.loss_weights`
+DDIM Eq. 16 σ_t(η)² = η² β̃'_t, x_t' = √ᾱ_t' x̂_0 +      :func:`_reverse_step_coefficients` (``eta`` != 1 gives
+√(1-ᾱ_t'-σ_t²) ε̂ + σ_t z (DDIM Eq. 12)                  coef1, coef2 and σ_t² of DDIM's family)
+Analytic-DPM Thm. 1: σ*² = λ² + coef1² (1-ᾱ_t)/ᾱ_t      :func:`_analytic_variance`; Γ_t comes from the config
+(1 - Γ_t); Thm. 2's bounds                              (``analytic_moments``)
 ====================================================  =====================================================
 
 Improved DDPM (Nichol & Dhariwal 2021, arXiv 2102.09672) adds the learned variance
 (``variance_type="learned_range"``: Σ_θ = exp(v log β_t + (1 - v) log β̃_t) with v = (out + 1) / 2, written as
 log Σ_θ = midpoint + out · half-range in :func:`_learned_range_log_variance`) and the respacing of the schedule
 into section counts (``set_timesteps("10,15,20")``, ``set_timesteps("ddim50")``).
+
+Short chains, two config keys (issue 11):
+
+- ``eta`` (default 1.0, DDPM): DDIM's η (Song et al. 2021, arXiv 2010.02502, Eq. 16), for ``variance_type``
+  ``fixed_small``, ``fixed_small_log`` and ``analytic``; η = 0 is DDIM's deterministic sampler. It is a config key,
+  not a ``step`` argument: diffusers' DDIMPipeline always passes ``eta=0.0`` to ``step``, which accepts and ignores
+  it, so the scheduler samples the process it was configured with in every pipeline.
+- ``variance_type="analytic"`` with ``analytic_moments`` (Γ_t, one per training timestep, JSON floats): the
+  optimal reverse variance of Analytic-DPM (Bao et al. 2022, arXiv 2201.06503); ``ddpm_components.analytic`` (not
+  this file) estimates Γ from a trained model.
 """
 
 from __future__ import annotations
@@ -534,10 +548,33 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
     Random draws in ``step`` (the rule): the noise of a step whose timestep is 0 is never used. It is not drawn
     when the host knows t == 0 for free (a Python number, or a CPU tensor outside ``torch.compile``), exactly
     as diffusers; for an accelerator tensor or under compilation it is drawn and masked out, so no host-device
-    synchronisation happens. ``variance_noise`` bypasses the generator altogether.
+    synchronisation happens. ``variance_noise`` bypasses the generator altogether. With ``eta=0`` and a
+    fixed_small variance no step draws noise (DDIM is deterministic).
 
     Args: see diffusers' ``DDPMScheduler``; the option strings are validated against ``BetaSchedule``,
-    ``VarianceType``, ``PredictionType`` and ``TimestepSpacing``.
+    ``VarianceType``, ``PredictionType`` and ``TimestepSpacing``. Two keys of ours (defaults keep the DDPM
+    step, and diffusers' schedulers keep them hidden through ``from_config``):
+
+        eta: DDIM's η in [0, 1] (DDIM Eq. 16): the step's variance is η² β̃'_t and its mean DDIM's
+            √ᾱ_t' x̂_0 + √(1 - ᾱ_t' - σ_t²) ε̂. 1.0 (default) is exactly the DDPM step (the η = 1 member of DDIM's
+            family is the DDPM posterior, and the code keeps Eq. 7's formulas for it); 0.0 is diffusers'
+            ``DDIMScheduler.step`` with ``set_alpha_to_one=True`` (ᾱ = 1 after the last step, as ours always) on
+            a chain whose kept timesteps are T // n apart (``leading`` spacing): diffusers' DDIM steps to
+            t - T // n whatever the spacing, ours to the next kept timestep, and its ``set_alpha_to_one=False``
+            (ᾱ_0 after the last step, Stable Diffusion's configs) has no counterpart here. ε̂ is re-derived from the clipped x̂_0, i.e. diffusers' ``use_clipped_model_output=True``;
+            with ``clip_sample=False`` (and no thresholding) that is diffusers' default too, while with clipping
+            diffusers' default keeps the raw ε in the direction term. η != 1 needs ``variance_type``
+            ``fixed_small``, ``fixed_small_log`` or ``analytic`` (ValueError otherwise: η has no meaning for β_t
+            or a learned Σ_θ). ``step``'s own ``eta=`` argument is accepted and ignored.
+        analytic_moments: Γ_t = E||ε_θ(x_t, t)||²/d for every training timestep (a JSON list of floats >= 0),
+            needed by ``variance_type="analytic"``: the reverse variance is Analytic-DPM's optimal one
+            (:func:`_analytic_variance`) for the chain's step t → t' and the configured η (λ² = η² β̃'_t), clipped
+            to Theorem 2's bounds (data in ±``clip_sample_range`` when ``clip_sample``, ±1 with thresholding), and
+            on a chain's last two steps σ <= 2/255 · √(π/2) (Analytic-DPM's clipping of the noise of the step into
+            the last timestep, E|σ z| <= one 8-bit level; the final step to x_0 adds no noise, as DDPM). The
+            likelihood API (``p_mean_variance``, ``vlb_terms``) uses the full schedule's η = 1 optimal variance
+            with Theorem 2's bounds, including the decoder's at t = 0 (σ² = (1-ᾱ_0)/ᾱ_0 (1 - Γ_0), the paper's
+            rule for the last step's variance), without the sampling clip.
     """
 
     _compatibles: ClassVar[list[str]] = [e.name for e in KarrasDiffusionSchedulers]
@@ -1021,7 +1058,12 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         3. Clip x̂_0 to ±clip_sample_range or dynamically threshold it.
         4. Posterior mean μ̃_t(x_t, x̂_0) = coef1 x̂_0 + coef2 x_t (:func:`_posterior_mean`, Eq. 7; with ε this
            is Eq. 11).
-        5. Add σ_t z, z ~ N(0, I), for t > 0 (σ_t² = β̃_t, β'_t or the learned Σ_θ; Eq. 6 and §3.2).
+        5. Add σ_t z, z ~ N(0, I), for t > 0 (σ_t² = β̃_t, β'_t or the learned Σ_θ; Eq. 6 and §3.2; with
+           ``eta`` DDIM's η² β̃'_t (DDIM Eq. 16), with ``analytic`` Analytic-DPM's σ*² (Theorem 1, clipped by
+           Theorem 2), see :func:`_analytic_variance`).
+
+        With ``eta`` != 1 steps 4-5 are DDIM's Eq. 12 with σ_t(η) of Eq. 16, written as coef1 x̂_0 + coef2 x_t
+        + σ_t z by :func:`_reverse_step_coefficients` (ε̂ = (x_t - √ᾱ_t x̂_0)/√(1-ᾱ_t), from the clipped x̂_0).
 
         Args:
             model_output: the network output (2×C channels for learned variance types), floating point.
@@ -1033,8 +1075,9 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             return_dict: return a :class:`DDPMSchedulerOutput` (else a tuple).
             variance_noise: z itself (shape of ``sample``; excludes ``generator``); makes ``step`` compile
                 without graph breaks.
-            eta, use_clipped_model_output: accepted so DDIM-style pipelines (which pass them) can run the
-                DDPM sampler; they have no effect on ancestral DDPM sampling.
+            eta, use_clipped_model_output: accepted so DDIM-style pipelines (which pass them, DDIMPipeline always
+                ``eta=0.0``) can run this scheduler; they have no effect: the config's ``eta`` decides, and ε̂ is
+                always the one of the clipped x̂_0.
 
         Returns:
             ``DDPMSchedulerOutput(prev_sample, pred_original_sample)`` or the tuple of the two.
@@ -1043,7 +1086,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         is fractional or not in the schedule); a device tensor is not (that would synchronise): an unknown or
         fractional timestep then yields NaN.
         """
-        del eta, use_clipped_model_output  # no meaning for ancestral DDPM sampling
+        del eta, use_clipped_model_output  # the config's eta decides (see the class docstring)
         self._check_step_inputs(model_output, sample, generator, variance_noise)
         # 1. split the variance channels
         mean_output, variance_output = self._split_model_output(model_output, sample)
