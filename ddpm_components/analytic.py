@@ -5,7 +5,7 @@ per training timestep, the moment
 
     Γ_t = E_{q(x_0) q(ε)} ||ε_θ(x_t, t)||² / d,   x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε,
 
-of the trained noise predictor (the paper's Eq. 8 estimates β̄_t E||∇ log q_t||²/d this way). This module estimates
+of the trained noise predictor (the paper estimates β̄_t E||∇ log q_t||²/d this way, §3). This module estimates
 it by Monte Carlo, once per model, and writes it into a saved pipeline's scheduler config
 (:func:`write_analytic_scheduler`, the ``ddpm-components analytic-variance`` command).
 
@@ -68,7 +68,7 @@ def estimate_analytic_moments(
     generator: torch.Generator | None = None,
     timesteps: Sequence[int] | None = None,
 ) -> list[float]:
-    """Γ_t = E||ε_θ(x_t, t)||²/d for every training timestep, by Monte Carlo (Analytic-DPM Eq. 8).
+    """Γ_t = E||ε_θ(x_t, t)||²/d for every training timestep, by Monte Carlo (Analytic-DPM §3).
 
     Args:
         unet: the noise model, called as ``unet(x_t, t, class_labels=...)`` (returning ``.sample``); its output

@@ -87,7 +87,7 @@ LossWeighting = Literal["uniform", "min_snr"]
 ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
 # diffusers clamps the posterior variance before taking its log (matters only at the last step).
 _POSTERIOR_VARIANCE_FLOOR = 1e-20
-# Analytic-DPM (Bao et al. 2022, App. F / its code): the standard deviation of the noise of the last steps of a
+# Analytic-DPM (Bao et al. 2022, its experiments and code): the standard deviation of the noise of the last steps of a
 # chain is clipped so that E|σ z| = σ √(2/π) <= y · 2/255 with y = 1 pixel level of 8-bit data in [-1, 1].
 _ANALYTIC_LAST_STEPS_MAX_STD = 2.0 / 255.0 * math.sqrt(math.pi / 2.0)
 # The schedules whose betas run from beta_start to beta_end.
@@ -273,8 +273,8 @@ def _reverse_step_coefficients(
 def _analytic_variance(
     coefficients: ReverseStepCoefficients, moments: torch.Tensor, original_variance_bound: float | None
 ) -> torch.Tensor:
-    """Analytic-DPM's optimal reverse variance (Bao et al. 2022, arXiv 2201.06503, Theorem 1 / Eq. 7 with
-    λ² = σ_t(η)², in its skip-step form of App. D), clipped to its bounds (Theorem 2), float64 per step.
+    """Analytic-DPM's optimal reverse variance (Bao et al. 2022, arXiv 2201.06503, Theorem 1 with
+    λ² = σ_t(η)², in its skip-step (respaced) form), clipped to its bounds (Theorem 2), float64 per step.
 
     σ*² = λ² + (√(β̄_t/α_{t|t'}) - √(β̄_t' - λ²))² (1 - Γ_t) (the paper, with β̄ = 1 - ᾱ, α_{t|t'} = ᾱ_t/ᾱ_t'),
     written here as λ² + coef1² · Var*(x_0 | x_t): coef1 is the weight of x_0 in the step's mean (for η = 1
