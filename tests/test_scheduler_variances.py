@@ -293,8 +293,10 @@ def mixture_moments() -> list[float]:
     return estimate_analytic_moments(unet, DDPMScheduler(), data, batch_size=200_000, generator=generator)
 
 
-def _sample_mixture(variance_type: str, steps: int, moments: list[float]) -> torch.Tensor:
-    scheduler = DDPMScheduler(clip_sample=False, variance_type=variance_type, analytic_moments=moments)
+def _sample_mixture(variance_type: str, steps: int, moments: list[float], eta: float = 1.0) -> torch.Tensor:
+    scheduler = DDPMScheduler(
+        clip_sample=False, variance_type=variance_type, analytic_moments=moments, eta=eta
+    )
     alphas_cumprod = scheduler._alphas_cumprod64
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(1)
@@ -321,6 +323,10 @@ def test_analytic_variance_samples_the_mixture_better_at_few_steps(mixture_momen
     spread = {vt: abs(x.std().item() / true_std - 1) for vt, x in samples.items()}
     assert distance["analytic"] < 0.8 * min(distance["fixed_small"], distance["fixed_large"]), distance
     assert spread["analytic"] < spread["fixed_small"], spread
+    # Analytic-DDIM (η = 0) against DDIM; measured W1: 10 steps 0.069 vs 0.089, 50 steps 0.0097 vs 0.021
+    analytic_ddim = wasserstein_to_mixture(_sample_mixture("analytic", steps, mixture_moments, eta=0.0))
+    ddim = wasserstein_to_mixture(_sample_mixture("fixed_small", steps, mixture_moments, eta=0.0))
+    assert analytic_ddim < 0.85 * ddim, (analytic_ddim, ddim)
 
 
 # ---------------------------------------------------------------------------------- config and loading
