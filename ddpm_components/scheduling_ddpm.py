@@ -87,8 +87,9 @@ LossWeighting = Literal["uniform", "min_snr"]
 ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
 # diffusers clamps the posterior variance before taking its log (matters only at the last step).
 _POSTERIOR_VARIANCE_FLOOR = 1e-20
-# Analytic-DPM (Bao et al. 2022, its experiments and code): the standard deviation of the noise of the last steps of a
-# chain is clipped so that E|σ z| = σ √(2/π) <= y · 2/255 with y = 1 pixel level of 8-bit data in [-1, 1].
+# Analytic-DPM (Bao et al. 2022, its experiments and code): the standard deviation of the noise of the step into
+# a chain's last timestep is clipped so that E|σ z| = σ √(2/π) <= y · 2/255, here with y = 1 level of 8-bit data
+# in [-1, 1] (the paper's DDIM and cosine-schedule setting; it uses y = 2 for DDPM on the linear schedule).
 _ANALYTIC_LAST_STEPS_MAX_STD = 2.0 / 255.0 * math.sqrt(math.pi / 2.0)
 # The schedules whose betas run from beta_start to beta_end.
 _SCHEDULES_FROM_BETA_START_TO_END = ("linear", "scaled_linear", "sigmoid")
@@ -278,8 +279,8 @@ def _analytic_variance(
 
     σ*² = λ² + (√(β̄_t/α_{t|t'}) - √(β̄_t' - λ²))² (1 - Γ_t) (the paper, with β̄ = 1 - ᾱ, α_{t|t'} = ᾱ_t/ᾱ_t'),
     written here as λ² + coef1² · Var*(x_0 | x_t): coef1 is the weight of x_0 in the step's mean (for η = 1
-    Eq. 7's √ᾱ_t' β'_t / (1 - ᾱ_t)), coef1² (1-ᾱ_t)/ᾱ_t equals the paper's squared bracket, and Var*(x_0 | x_t) = (1-ᾱ_t)/ᾱ_t · (1 - Γ_t)
-    is the per-dimension posterior variance of x_0, with Γ_t = E_q ||ε*(x_t, t)||² / d (the stored
+    Eq. 7's √ᾱ_t' β'_t / (1 - ᾱ_t)), coef1² (1-ᾱ_t)/ᾱ_t equals the paper's squared bracket, and
+    Var*(x_0 | x_t) = (1-ᾱ_t)/ᾱ_t · (1 - Γ_t) is the per-dimension posterior variance of x_0, with Γ_t = E_q ||ε*(x_t, t)||² / d (the stored
     ``moments``). Theorem 2's bounds clip that variance to [0, (1-ᾱ_t)/ᾱ_t] (from 0 <= Γ_t <= 1) and, for
     data bounded in [-b, b], to at most b² (``original_variance_bound``; None: no such bound), so
     λ² <= σ*² <= λ² + coef1² min((1-ᾱ_t)/ᾱ_t, b²).
@@ -561,17 +562,19 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             ``DDIMScheduler.step`` with ``set_alpha_to_one=True`` (ᾱ = 1 after the last step, as ours always) on
             a chain whose kept timesteps are T // n apart (``leading`` spacing): diffusers' DDIM steps to
             t - T // n whatever the spacing, ours to the next kept timestep, and its ``set_alpha_to_one=False``
-            (ᾱ_0 after the last step, Stable Diffusion's configs) has no counterpart here. ε̂ is re-derived from the clipped x̂_0, i.e. diffusers' ``use_clipped_model_output=True``;
-            with ``clip_sample=False`` (and no thresholding) that is diffusers' default too, while with clipping
-            diffusers' default keeps the raw ε in the direction term. η != 1 needs ``variance_type``
+            (ᾱ_0 after the last step, Stable Diffusion's configs) has no counterpart here. ε̂ is re-derived from
+            the clipped x̂_0, i.e. diffusers' ``use_clipped_model_output=True``; with ``clip_sample=False`` (and
+            no thresholding) that is diffusers' default too, while with clipping diffusers' default keeps the raw
+            ε in the direction term. η != 1 needs ``variance_type``
             ``fixed_small``, ``fixed_small_log`` or ``analytic`` (ValueError otherwise: η has no meaning for β_t
             or a learned Σ_θ). ``step``'s own ``eta=`` argument is accepted and ignored.
         analytic_moments: Γ_t = E||ε_θ(x_t, t)||²/d for every training timestep (a JSON list of floats >= 0),
             needed by ``variance_type="analytic"``: the reverse variance is Analytic-DPM's optimal one
             (:func:`_analytic_variance`) for the chain's step t → t' and the configured η (λ² = η² β̃'_t), clipped
             to Theorem 2's bounds (data in ±``clip_sample_range`` when ``clip_sample``, ±1 with thresholding), and
-            on a chain's last two steps σ <= 2/255 · √(π/2) (Analytic-DPM's clipping of the noise of the step into
-            the last timestep, E|σ z| <= one 8-bit level; the final step to x_0 adds no noise, as DDPM). The
+            σ <= 2/255 · √(π/2) on the step into the chain's last timestep (Analytic-DPM's clipping, E|σ z| <= one
+            8-bit level) and on the final step when it adds noise (a chain ending above t = 0; at t = 0 the
+            final step adds none, as in DDPM and the paper). The
             likelihood API (``p_mean_variance``, ``vlb_terms``) uses the full schedule's η = 1 optimal variance
             with Theorem 2's bounds, including the decoder's at t = 0 (σ² = (1-ᾱ_0)/ᾱ_0 (1 - Γ_0), the paper's
             rule for the last step's variance), without the sampling clip.
@@ -895,7 +898,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         elif variance_type == "analytic":
             moments = self._moments64[timesteps]
             noise_std = _analytic_variance(coefficients, moments, self._original_variance_bound()).sqrt()
-            # the last two steps: σ clipped as Analytic-DPM does (see _ANALYTIC_LAST_STEPS_MAX_STD)
+            # the step into the last timestep (and a final step that adds noise): σ clipped as Analytic-DPM does
             noise_std[-2:] = noise_std[-2:].clamp(max=_ANALYTIC_LAST_STEPS_MAX_STD)
         elif variance_type in ("fixed_large", "fixed_large_log"):
             noise_std = coefficients.betas.sqrt()
@@ -1377,8 +1380,10 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         """The reverse transition p_θ(x_{t-1} | x_t) = N(μ_θ, Σ_θ) (Eq. 1) from a model output, full schedule.
 
         μ_θ is the posterior mean at x̂_0 (Eq. 11 for ε), computed by the same functions as :meth:`step`; Σ_θ is
-        β̃_t (fixed_small*), β_t (fixed_large*, β̃_1 at t = 0 as in the DDPM code) or learned (Improved DDPM
-        Eq. 15 for ``learned_range``).
+        β̃_t (fixed_small*), β_t (fixed_large*, β̃_1 at t = 0 as in the DDPM code), learned (Improved DDPM
+        Eq. 15 for ``learned_range``) or Analytic-DPM's optimal σ*²_t (``analytic``, η = 1 whatever the config's
+        ``eta``: the bound is that of the DDPM process; Theorem 2's bounds, not the sampling clip; at t = 0 the
+        decoder's σ² = (1-ᾱ_0)/ᾱ_0 (1 - Γ_0)).
 
         Returns a dict with ``mean``, ``variance``, ``log_variance`` and ``pred_original_sample``.
         """
