@@ -25,12 +25,26 @@ Eq. 5   L_T, L_{t-1}, L_0 (bits per dimension)          :meth:`DDPMScheduler.pri
                                                       :meth:`DDPMScheduler.vlb_terms`, :func:`normal_kl`,
                                                       :func:`discretized_gaussian_log_likelihood`
 SNR(t) = ᾱ_t / (1 - ᾱ_t); min-SNR-γ weights            :meth:`DDPMScheduler.snr`, :meth:`DDPMScheduler.loss_weights`
+DDIM Eq. 16 σ_t(η)² = η² β̃'_t, x_t' = √ᾱ_t' x̂_0 +      :func:`_reverse_step_coefficients` (``eta`` != 1 gives
+√(1-ᾱ_t'-σ_t²) ε̂ + σ_t z (DDIM Eq. 12)                  coef1, coef2 and σ_t² of DDIM's family)
+Analytic-DPM Thm. 1: σ*² = λ² + coef1² (1-ᾱ_t)/ᾱ_t      :func:`_analytic_variance`; Γ_t comes from the config
+(1 - Γ_t); Thm. 2's bounds                              (``analytic_moments``)
 ====================================================  =====================================================
 
 Improved DDPM (Nichol & Dhariwal 2021, arXiv 2102.09672) adds the learned variance
 (``variance_type="learned_range"``: Σ_θ = exp(v log β_t + (1 - v) log β̃_t) with v = (out + 1) / 2, written as
 log Σ_θ = midpoint + out · half-range in :func:`_learned_range_log_variance`) and the respacing of the schedule
 into section counts (``set_timesteps("10,15,20")``, ``set_timesteps("ddim50")``).
+
+Short chains, two config keys (issue 11):
+
+- ``eta`` (default 1.0, DDPM): DDIM's η (Song et al. 2021, arXiv 2010.02502, Eq. 16), for ``variance_type``
+  ``fixed_small``, ``fixed_small_log`` and ``analytic``; η = 0 is DDIM's deterministic sampler. It is a config key,
+  not a ``step`` argument: diffusers' DDIMPipeline always passes ``eta=0.0`` to ``step``, which accepts and ignores
+  it, so the scheduler samples the process it was configured with in every pipeline.
+- ``variance_type="analytic"`` with ``analytic_moments`` (Γ_t, one per training timestep, JSON floats): the
+  optimal reverse variance of Analytic-DPM (Bao et al. 2022, arXiv 2201.06503); ``ddpm_components.analytic`` (not
+  this file) estimates Γ from a trained model.
 """
 
 from __future__ import annotations
@@ -60,8 +74,10 @@ __all__ = [
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
 VarianceType = Literal[
-    "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range"
+    "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range", "analytic"
 ]
+# The variance types whose reverse step is a member of DDIM's family (Eq. 16), so that eta != 1 has a meaning.
+_ETA_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "analytic")
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
 TimestepSpacing = Literal["leading", "linspace", "trailing"]
 LossWeighting = Literal["uniform", "min_snr"]
@@ -71,6 +87,10 @@ LossWeighting = Literal["uniform", "min_snr"]
 ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
 # diffusers clamps the posterior variance before taking its log (matters only at the last step).
 _POSTERIOR_VARIANCE_FLOOR = 1e-20
+# Analytic-DPM (Bao et al. 2022, its experiments and code): the standard deviation of the noise of the step into
+# a chain's last timestep is clipped so that E|σ z| = σ √(2/π) <= y · 2/255, here with y = 1 level of 8-bit data
+# in [-1, 1] (the paper's DDIM and cosine-schedule setting; it uses y = 2 for DDPM on the linear schedule).
+_ANALYTIC_LAST_STEPS_MAX_STD = 2.0 / 255.0 * math.sqrt(math.pi / 2.0)
 # The schedules whose betas run from beta_start to beta_end.
 _SCHEDULES_FROM_BETA_START_TO_END = ("linear", "scaled_linear", "sigmoid")
 
@@ -114,6 +134,51 @@ def _check_same_shape(name: str, tensor: torch.Tensor, other_name: str, other: t
             f"{name} has shape {tuple(tensor.shape)} but {other_name} has shape {tuple(other.shape)}; "
             "they must be equal."
         )
+
+
+def _check_eta(eta: object, variance_type: str) -> None:
+    """``eta`` is a number in [0, 1], and != 1 only for a variance type of DDIM's family (fixed_small*, analytic):
+    η > 1 can make 1 - ᾱ_t' - σ_t(η)² negative, and η has no meaning for β_t or a learned variance."""
+    _check_finite("eta", eta)
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta={eta!r} must lie in [0, 1] (0: DDIM, 1: DDPM).")
+    if eta != 1.0 and variance_type not in _ETA_VARIANCE_TYPES:
+        raise ValueError(
+            f"eta={eta!r} needs variance_type one of {', '.join(map(repr, _ETA_VARIANCE_TYPES))}, not "
+            f"{variance_type!r} (eta scales the posterior variance β̃_t of DDIM's family; use eta=1.0 with "
+            f"{variance_type!r})."
+        )
+
+
+def _config_moments64(
+    moments: Sequence[float] | torch.Tensor | None, num_train_timesteps: int, variance_type: str
+) -> torch.Tensor | None:
+    """The ``analytic_moments`` Γ_t as a float64 tensor (None if not given), validated: one finite value >= 0 per
+    training timestep; ``variance_type="analytic"`` requires them."""
+    if moments is None:
+        if variance_type == "analytic":
+            raise ValueError(
+                "variance_type='analytic' needs analytic_moments (Γ_t = E||ε_θ(x_t, t)||²/d, one per training "
+                "timestep): estimate them with `ddpm-components analytic-variance --model M` or "
+                "ddpm_components.analytic.estimate_analytic_moments."
+            )
+        return None
+    try:
+        values = torch.as_tensor(moments, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"analytic_moments must be a list of numbers ({error}).") from None
+    if values.numel() != num_train_timesteps:
+        raise ValueError(
+            f"analytic_moments has {values.numel()} values but num_train_timesteps={num_train_timesteps}; "
+            "give one Γ_t per training timestep."
+        )
+    bad = (~torch.isfinite(values) | (values < 0)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"analytic_moments[{bad[0]}]={values[bad[0]].item()!r} must be a finite number >= 0 "
+            f"({len(bad)} bad value(s)); Γ_t is a mean of squares."
+        )
+    return values
 
 
 def _integral_timestep(value: object, name: str = "timestep") -> int:
@@ -164,12 +229,19 @@ def _cached_cast(
 
 
 def _reverse_step_coefficients(
-    alphas_cumprod: torch.Tensor, alphas_cumprod_prev: torch.Tensor
+    alphas_cumprod: torch.Tensor, alphas_cumprod_prev: torch.Tensor, eta: float = 1.0
 ) -> ReverseStepCoefficients:
     """The per-timestep coefficients of x̂_0 (Eq. 15), μ̃_t and β̃_t (Eq. 6-7) from ᾱ_t and ᾱ_t' (float64).
 
     Used for the sampling chain (``set_timesteps``, where β'_t is recomputed from the kept ᾱ's as in Improved
     DDPM's respacing) and for the full schedule of the training-time API alike.
+
+    With ``eta`` != 1 the mean and variance are those of DDIM's family q_σ(x_t' | x_t, x_0) (DDIM Eq. 7 and 16):
+    σ_t(η)² = η² β̃'_t, and x_t' = √ᾱ_t' x_0 + √(1 - ᾱ_t' - σ_t²) ε + σ_t z with ε = (x_t - √ᾱ_t x_0)/√(1-ᾱ_t)
+    is the linear form coef1 x_0 + coef2 x_t with coef2 = √(1 - ᾱ_t' - σ_t²)/√(1 - ᾱ_t) and
+    coef1 = √ᾱ_t' - coef2 √ᾱ_t; ``posterior_variance`` then holds σ_t(η)². At η = 1 this family member IS the
+    DDPM posterior (1 - ᾱ_t' - β̃'_t = α'_t (1 - ᾱ_t')² / (1 - ᾱ_t)), so η = 1 keeps the Eq. 7 formulas above
+    unchanged, bit for bit.
     """
     alphas = alphas_cumprod / alphas_cumprod_prev  # α'_t
     betas = 1.0 - alphas
@@ -178,16 +250,49 @@ def _reverse_step_coefficients(
         alphas_cumprod > 0, alphas_cumprod, ZERO_SNR_ALPHA_CUMPROD
     ).rsqrt()
     sqrt_one_minus_alphas_cumprod = one_minus_alphas_cumprod.sqrt()
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / one_minus_alphas_cumprod
+    if eta == 1.0:
+        posterior_mean_coef1 = alphas_cumprod_prev.sqrt() * betas / one_minus_alphas_cumprod
+        posterior_mean_coef2 = alphas.sqrt() * (1.0 - alphas_cumprod_prev) / one_minus_alphas_cumprod
+    else:  # DDIM Eq. 16
+        posterior_variance = eta**2 * posterior_variance
+        direction = (1.0 - alphas_cumprod_prev - posterior_variance).clamp(min=0.0).sqrt()
+        posterior_mean_coef2 = direction / sqrt_one_minus_alphas_cumprod
+        posterior_mean_coef1 = alphas_cumprod_prev.sqrt() - posterior_mean_coef2 * alphas_cumprod.sqrt()
     return ReverseStepCoefficients(
         sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
         sqrt_one_minus_alphas_cumprod=sqrt_one_minus_alphas_cumprod,
         sqrt_recip_alphas_cumprod=sqrt_recip_alphas_cumprod,
         sqrt_recipm1_alphas_cumprod=sqrt_one_minus_alphas_cumprod * sqrt_recip_alphas_cumprod,
-        posterior_mean_coef1=alphas_cumprod_prev.sqrt() * betas / one_minus_alphas_cumprod,
-        posterior_mean_coef2=alphas.sqrt() * (1.0 - alphas_cumprod_prev) / one_minus_alphas_cumprod,
+        posterior_mean_coef1=posterior_mean_coef1,
+        posterior_mean_coef2=posterior_mean_coef2,
         betas=betas,
-        posterior_variance=betas * (1.0 - alphas_cumprod_prev) / one_minus_alphas_cumprod,
+        posterior_variance=posterior_variance,
     )
+
+
+def _analytic_variance(
+    coefficients: ReverseStepCoefficients, moments: torch.Tensor, original_variance_bound: float | None
+) -> torch.Tensor:
+    """Analytic-DPM's optimal reverse variance (Bao et al. 2022, arXiv 2201.06503, Theorem 1 with
+    λ² = σ_t(η)², in its skip-step (respaced) form), clipped to its bounds (Theorem 2), float64 per step.
+
+    σ*² = λ² + (√(β̄_t/α_{t|t'}) - √(β̄_t' - λ²))² (1 - Γ_t) (the paper, with β̄ = 1 - ᾱ, α_{t|t'} = ᾱ_t/ᾱ_t'),
+    written here as λ² + coef1² · Var*(x_0 | x_t): coef1 is the weight of x_0 in the step's mean (for η = 1
+    Eq. 7's √ᾱ_t' β'_t / (1 - ᾱ_t)), coef1² (1-ᾱ_t)/ᾱ_t equals the paper's squared bracket, and
+    Var*(x_0 | x_t) = (1-ᾱ_t)/ᾱ_t · (1 - Γ_t) is the per-dimension posterior variance of x_0, with Γ_t = E_q ||ε*(x_t, t)||² / d (the stored
+    ``moments``). Theorem 2's bounds clip that variance to [0, (1-ᾱ_t)/ᾱ_t] (from 0 <= Γ_t <= 1) and, for
+    data bounded in [-b, b], to at most b² (``original_variance_bound``; None: no such bound), so
+    λ² <= σ*² <= λ² + coef1² min((1-ᾱ_t)/ᾱ_t, b²).
+    """
+    noise_to_signal = coefficients.sqrt_recipm1_alphas_cumprod**2  # (1 - ᾱ_t)/ᾱ_t, ᾱ_t floored at 2⁻²⁴
+    upper = (
+        noise_to_signal
+        if original_variance_bound is None
+        else noise_to_signal.clamp(max=original_variance_bound)
+    )
+    original_variance = (noise_to_signal * (1.0 - moments)).clamp(min=0.0).minimum(upper)
+    return coefficients.posterior_variance + coefficients.posterior_mean_coef1**2 * original_variance
 
 
 def _log_variance_midpoint_and_half_range(
@@ -283,6 +388,7 @@ class ScheduleColumns(NamedTuple):
     log_variance_midpoint: torch.Tensor  # learned_range: ½(log β_t + log β̃_t), β̃_1 at t = 0
     log_variance_half_range: torch.Tensor  # learned_range: ½(log β_t - log β̃_t)
     snr: torch.Tensor  # ᾱ_t / (1 - ᾱ_t)
+    analytic_log_variance: torch.Tensor  # analytic: log σ*²_t (η = 1, full schedule), NaN without moments
 
 
 @dataclass
@@ -443,10 +549,35 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
     Random draws in ``step`` (the rule): the noise of a step whose timestep is 0 is never used. It is not drawn
     when the host knows t == 0 for free (a Python number, or a CPU tensor outside ``torch.compile``), exactly
     as diffusers; for an accelerator tensor or under compilation it is drawn and masked out, so no host-device
-    synchronisation happens. ``variance_noise`` bypasses the generator altogether.
+    synchronisation happens. ``variance_noise`` bypasses the generator altogether. With ``eta=0`` and a
+    fixed_small variance no step draws noise (DDIM is deterministic).
 
     Args: see diffusers' ``DDPMScheduler``; the option strings are validated against ``BetaSchedule``,
-    ``VarianceType``, ``PredictionType`` and ``TimestepSpacing``.
+    ``VarianceType``, ``PredictionType`` and ``TimestepSpacing``. Two keys of ours (defaults keep the DDPM
+    step, and diffusers' schedulers keep them hidden through ``from_config``):
+
+        eta: DDIM's η in [0, 1] (DDIM Eq. 16): the step's variance is η² β̃'_t and its mean DDIM's
+            √ᾱ_t' x̂_0 + √(1 - ᾱ_t' - σ_t²) ε̂. 1.0 (default) is exactly the DDPM step (the η = 1 member of DDIM's
+            family is the DDPM posterior, and the code keeps Eq. 7's formulas for it); 0.0 is diffusers'
+            ``DDIMScheduler.step`` with ``set_alpha_to_one=True`` (ᾱ = 1 after the last step, as ours always) on
+            a chain whose kept timesteps are T // n apart (``leading`` spacing): diffusers' DDIM steps to
+            t - T // n whatever the spacing, ours to the next kept timestep, and its ``set_alpha_to_one=False``
+            (ᾱ_0 after the last step, Stable Diffusion's configs) has no counterpart here. ε̂ is re-derived from
+            the clipped x̂_0, i.e. diffusers' ``use_clipped_model_output=True``; with ``clip_sample=False`` (and
+            no thresholding) that is diffusers' default too, while with clipping diffusers' default keeps the raw
+            ε in the direction term. η != 1 needs ``variance_type``
+            ``fixed_small``, ``fixed_small_log`` or ``analytic`` (ValueError otherwise: η has no meaning for β_t
+            or a learned Σ_θ). ``step``'s own ``eta=`` argument is accepted and ignored.
+        analytic_moments: Γ_t = E||ε_θ(x_t, t)||²/d for every training timestep (a JSON list of floats >= 0),
+            needed by ``variance_type="analytic"``: the reverse variance is Analytic-DPM's optimal one
+            (:func:`_analytic_variance`) for the chain's step t → t' and the configured η (λ² = η² β̃'_t), clipped
+            to Theorem 2's bounds (data in ±``clip_sample_range`` when ``clip_sample``, ±1 with thresholding), and
+            σ <= 2/255 · √(π/2) on the step into the chain's last timestep (Analytic-DPM's clipping, E|σ z| <= one
+            8-bit level) and on the final step when it adds noise (a chain ending above t = 0; at t = 0 the
+            final step adds none, as in DDPM and the paper). The
+            likelihood API (``p_mean_variance``, ``vlb_terms``) uses the full schedule's η = 1 optimal variance
+            with Theorem 2's bounds, including the decoder's at t = 0 (σ² = (1-ᾱ_0)/ᾱ_0 (1 - Γ_0), the paper's
+            rule for the last step's variance), without the sampling clip.
     """
 
     _compatibles: ClassVar[list[str]] = [e.name for e in KarrasDiffusionSchedulers]
@@ -470,6 +601,8 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         timestep_spacing: TimestepSpacing = "leading",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
+        eta: float = 1.0,
+        analytic_moments: Sequence[float] | torch.Tensor | None = None,
     ):
         _check_choice("beta_schedule", beta_schedule, get_args(BetaSchedule))
         _check_choice("variance_type", variance_type, get_args(VarianceType))
@@ -490,6 +623,13 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         _check_finite("dynamic_thresholding_ratio", dynamic_thresholding_ratio)
         if not 0.0 < dynamic_thresholding_ratio <= 1.0:
             raise ValueError(f"dynamic_thresholding_ratio={dynamic_thresholding_ratio!r} must lie in (0, 1].")
+        _check_eta(eta, variance_type)
+        moments = _config_moments64(analytic_moments, num_train_timesteps, variance_type)
+        if moments is not None:  # JSON holds no tensors: keep Python floats, as for trained_betas
+            self.register_to_config(analytic_moments=moments.tolist())
+        self._moments64 = moments
+        # DDIM (η = 0) with the fixed small variance adds no noise: its steps draw none (as diffusers' DDIM)
+        self._draws_noise = not (eta == 0 and variance_type in ("fixed_small", "fixed_small_log"))
 
         # 0. β_t in float64; everything below is derived in float64 and cast once.
         betas = self._config_betas64(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
@@ -520,7 +660,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         self.one = torch.tensor(1.0)
         self.init_noise_sigma = 1.0
 
-        self._schedule_table64 = self._build_schedule_table(alphas_cumprod)
+        self._schedule_table64 = self._build_schedule_table(alphas_cumprod, moments)
         self._schedule_cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
         # Full schedule until set_timesteps is called (diffusers' behaviour).
@@ -570,7 +710,9 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             + beta_start
         )
 
-    def _build_schedule_table(self, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    def _build_schedule_table(
+        self, alphas_cumprod: torch.Tensor, moments: torch.Tensor | None
+    ) -> torch.Tensor:
         """The full-schedule table of the training-time API (Eq. 4, 6, 7): one float64 row of
         :class:`ScheduleColumns` per timestep, plus a NaN row (index T) that float timesteps outside the schedule
         map to on an accelerator."""
@@ -601,6 +743,13 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             log_variance_midpoint=midpoint,
             log_variance_half_range=half_range,
             snr=alphas_cumprod / (1.0 - alphas_cumprod),
+            analytic_log_variance=(
+                _analytic_variance(coefficients, moments, self._original_variance_bound())
+                .clamp(min=_POSTERIOR_VARIANCE_FLOOR)
+                .log()
+                if moments is not None
+                else torch.full_like(alphas_cumprod, float("nan"))
+            ),
         )
         nan_row = torch.full((1, len(ScheduleColumns._fields)), float("nan"), dtype=torch.float64)
         return torch.cat([torch.stack(columns, dim=1), nan_row])
@@ -716,8 +865,8 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         alphas_cumprod_prev = torch.where(
             prev >= 0, alphas_cumprod[prev.clamp(min=0)], torch.ones((), dtype=torch.float64)
         )
-        coefficients = _reverse_step_coefficients(alphas_cumprod[t], alphas_cumprod_prev)
-        table = torch.stack(self._step_columns(coefficients, noise_mask=(t > 0).to(torch.float64)), dim=1)
+        coefficients = _reverse_step_coefficients(alphas_cumprod[t], alphas_cumprod_prev, self.config.eta)
+        table = torch.stack(self._step_columns(coefficients, t), dim=1)
 
         index_of = [-1] * num_train
         for i, value in enumerate(kept):
@@ -736,13 +885,21 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         # Fill the cache ahead of time so a compiled step never sees it change (that would recompile).
         self._step_tables(self.timesteps.device, torch.float32)
 
-    def _step_columns(self, coefficients: ReverseStepCoefficients, noise_mask: torch.Tensor) -> StepColumns:
-        """The step table's columns (float64, one entry per step) from the chain's reverse-step coefficients."""
-        # Eq. 7: β̃'_t, floored as diffusers does before its log (only t = 0 of the full schedule has β̃ = 0).
+    def _step_columns(self, coefficients: ReverseStepCoefficients, timesteps: torch.Tensor) -> StepColumns:
+        """The step table's columns (float64, one entry per step) from the chain's reverse-step coefficients at
+        the chain's (descending) ``timesteps``."""
+        noise_mask = (timesteps > 0).to(torch.float64)
+        # Eq. 7: β̃'_t (η² β̃'_t, DDIM Eq. 16), floored as diffusers does before its log (only t = 0 of the full
+        # schedule has β̃ = 0).
         posterior_variance = coefficients.posterior_variance.clamp(min=_POSTERIOR_VARIANCE_FLOOR)
         variance_type = self.config.variance_type
         if variance_type in ("fixed_small", "fixed_small_log"):
             noise_std = posterior_variance.sqrt()
+        elif variance_type == "analytic":
+            moments = self._moments64[timesteps]
+            noise_std = _analytic_variance(coefficients, moments, self._original_variance_bound()).sqrt()
+            # the step into the last timestep (and a final step that adds noise): σ clipped as Analytic-DPM does
+            noise_std[-2:] = noise_std[-2:].clamp(max=_ANALYTIC_LAST_STEPS_MAX_STD)
         elif variance_type in ("fixed_large", "fixed_large_log"):
             noise_std = coefficients.betas.sqrt()
         else:  # learned variances: σ_t comes from the model output
@@ -762,6 +919,15 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             log_variance_half_range=half_range,
             noise_mask=noise_mask,
         )
+
+    def _original_variance_bound(self) -> float | None:
+        """b² for data in [-b, b] (Analytic-DPM Theorem 2's bound on Var(x_0 | x_t)): the range x̂_0 is clipped to
+        (``clip_sample_range``, or 1 for dynamic thresholding, whose x̂_0 lies in [-1, 1]); None without clipping."""
+        if self.config.thresholding:
+            return 1.0
+        if self.config.clip_sample:
+            return float(self.config.clip_sample_range) ** 2
+        return None
 
     def _step_tables(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The per-timestep coefficient table on ``device`` in ``dtype`` (cached)."""
@@ -895,7 +1061,12 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         3. Clip x̂_0 to ±clip_sample_range or dynamically threshold it.
         4. Posterior mean μ̃_t(x_t, x̂_0) = coef1 x̂_0 + coef2 x_t (:func:`_posterior_mean`, Eq. 7; with ε this
            is Eq. 11).
-        5. Add σ_t z, z ~ N(0, I), for t > 0 (σ_t² = β̃_t, β'_t or the learned Σ_θ; Eq. 6 and §3.2).
+        5. Add σ_t z, z ~ N(0, I), for t > 0 (σ_t² = β̃_t, β'_t or the learned Σ_θ; Eq. 6 and §3.2; with
+           ``eta`` DDIM's η² β̃'_t (DDIM Eq. 16), with ``analytic`` Analytic-DPM's σ*² (Theorem 1, clipped by
+           Theorem 2), see :func:`_analytic_variance`).
+
+        With ``eta`` != 1 steps 4-5 are DDIM's Eq. 12 with σ_t(η) of Eq. 16, written as coef1 x̂_0 + coef2 x_t
+        + σ_t z by :func:`_reverse_step_coefficients` (ε̂ = (x_t - √ᾱ_t x̂_0)/√(1-ᾱ_t), from the clipped x̂_0).
 
         Args:
             model_output: the network output (2×C channels for learned variance types), floating point.
@@ -907,8 +1078,9 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             return_dict: return a :class:`DDPMSchedulerOutput` (else a tuple).
             variance_noise: z itself (shape of ``sample``; excludes ``generator``); makes ``step`` compile
                 without graph breaks.
-            eta, use_clipped_model_output: accepted so DDIM-style pipelines (which pass them) can run the
-                DDPM sampler; they have no effect on ancestral DDPM sampling.
+            eta, use_clipped_model_output: accepted so DDIM-style pipelines (which pass them, DDIMPipeline always
+                ``eta=0.0``) can run this scheduler; they have no effect: the config's ``eta`` decides, and ε̂ is
+                always the one of the clipped x̂_0.
 
         Returns:
             ``DDPMSchedulerOutput(prev_sample, pred_original_sample)`` or the tuple of the two.
@@ -917,7 +1089,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         is fractional or not in the schedule); a device tensor is not (that would synchronise): an unknown or
         fractional timestep then yields NaN.
         """
-        del eta, use_clipped_model_output  # no meaning for ancestral DDPM sampling
+        del eta, use_clipped_model_output  # the config's eta decides (see the class docstring)
         self._check_step_inputs(model_output, sample, generator, variance_noise)
         # 1. split the variance channels
         mean_output, variance_output = self._split_model_output(model_output, sample)
@@ -934,11 +1106,11 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
                 timestep.item() if isinstance(timestep, torch.Tensor) else timestep
             )
             columns = self._step_rows[self._host_index(host_timestep)]
-            add_noise = host_timestep > 0
+            add_noise = host_timestep > 0 and self._draws_noise
         else:
             # tensor path: coefficients gathered by index, no host-device synchronisation, compile friendly
             columns, any_noise = self._gather_step_columns(timestep, sample, work_dtype, compiling)
-            add_noise = any_noise or variance_noise is not None
+            add_noise = (any_noise or variance_noise is not None) and self._draws_noise
         prev_sample, pred_original_sample = self._reverse_step(
             columns, mean_output, variance_output, sample, work_dtype, add_noise, generator, variance_noise
         )
@@ -1208,8 +1380,10 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         """The reverse transition p_θ(x_{t-1} | x_t) = N(μ_θ, Σ_θ) (Eq. 1) from a model output, full schedule.
 
         μ_θ is the posterior mean at x̂_0 (Eq. 11 for ε), computed by the same functions as :meth:`step`; Σ_θ is
-        β̃_t (fixed_small*), β_t (fixed_large*, β̃_1 at t = 0 as in the DDPM code) or learned (Improved DDPM
-        Eq. 15 for ``learned_range``).
+        β̃_t (fixed_small*), β_t (fixed_large*, β̃_1 at t = 0 as in the DDPM code), learned (Improved DDPM
+        Eq. 15 for ``learned_range``) or Analytic-DPM's optimal σ*²_t (``analytic``, η = 1 whatever the config's
+        ``eta``: the bound is that of the DDPM process; Theorem 2's bounds, not the sampling clip; at t = 0 the
+        decoder's σ² = (1-ᾱ_0)/ᾱ_0 (1 - Γ_0)).
 
         Returns a dict with ``mean``, ``variance``, ``log_variance`` and ``pred_original_sample``.
         """
@@ -1226,6 +1400,8 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             )
         elif variance_type in ("fixed_small", "fixed_small_log"):
             log_variance = columns.posterior_log_variance_clipped.expand_as(sample)
+        elif variance_type == "analytic":
+            log_variance = columns.analytic_log_variance.expand_as(sample)
         else:
             log_variance = columns.fixed_large_log_variance.expand_as(sample)
         pred_original_sample = _predict_original_sample(

@@ -32,12 +32,18 @@ def seeded_global_generator():
 # ---------------------------------------------------------------------------------------------------------
 
 
+# Our config keys that diffusers' DDPMScheduler lacks (issue 11: DDIM's η and Analytic-DPM's moments); their
+# defaults keep the DDPM step, and diffusers keeps them hidden through from_config.
+OUR_EXTRA_KEYS = {"eta": 1.0, "analytic_moments": None}
+
+
 def public_config(scheduler) -> dict:
-    return {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+    return {k: v for k, v in scheduler.config.items() if not k.startswith("_") and k not in OUR_EXTRA_KEYS}
 
 
 def test_config_keys_and_defaults_equal_diffusers():
     assert public_config(DDPMScheduler()) == public_config(DiffusersDDPMScheduler())
+    assert {key: DDPMScheduler().config[key] for key in OUR_EXTRA_KEYS} == OUR_EXTRA_KEYS
     assert DDPMScheduler.order == 1
     scheduler = DDPMScheduler()
     assert scheduler.init_noise_sigma == 1.0
