@@ -1006,8 +1006,8 @@ class DDPMPipeline(DiffusionPipeline):
             guidance_scale: classifier-free guidance weight g (finite): ε = ε_uncond + g (ε_cond − ε_uncond); 1.0
                 turns it off. Needs a U-Net with a null class (``unet.null_class_label``). With learned variance
                 only the first C output channels (the mean part) are guided; the conditional variance is kept.
-            image: image-to-image (SDEdit): PIL image(s), numpy arrays or tensors, with the ranges documented in
-                :func:`images_to_tensor`, at the U-Net's size.
+            image: image-to-image (SDEdit), or the picture to inpaint with ``mask_image``: PIL image(s), numpy
+                arrays or tensors, with the ranges documented in :func:`images_to_tensor`, at the U-Net's size.
             strength: with ``image``, in (0, 1]: the fraction of the denoising schedule to run. The image is noised
                 with ``scheduler.add_noise`` to the first kept timestep and denoised from there; 1.0 starts from
                 (almost) pure noise.
