@@ -119,14 +119,20 @@ def ilvr(pipe, images, reference_all, spec: str, seed: int, factor: int = 2) -> 
 
 
 def _grid(rows: list[tuple[str, torch.Tensor]], path: Path, columns: int, scale: int = 4) -> None:
-    """Rows of images in [-1, 1], each tile up-scaled ×scale (nearest), one row per entry; written as PNG."""
-    from PIL import Image
+    """Rows of images in [-1, 1], each tile up-scaled ×scale (nearest), labelled on the left; written as PNG."""
+    from PIL import Image, ImageDraw
 
-    tiles = torch.cat([images[:columns] for _, images in rows])
-    tiles = F.interpolate(_to_unit(tiles).clamp(0, 1), scale_factor=scale, mode="nearest")
-    size = 8 * scale
-    grid = tiles.reshape(len(rows), columns, size, size).permute(0, 2, 1, 3).reshape(len(rows) * size, -1)
-    Image.fromarray((grid * 255).round().to(torch.uint8).numpy(), mode="L").save(path, optimize=True)
+    size, gap, label_width = 8 * scale, 2, 120
+    grid = Image.new("L", (label_width + columns * (size + gap), len(rows) * (size + gap)), 64)
+    draw = ImageDraw.Draw(grid)
+    for row, (name, images) in enumerate(rows):
+        tiles = F.interpolate(_to_unit(images[:columns]).clamp(0, 1), scale_factor=scale, mode="nearest")
+        top = row * (size + gap)
+        draw.text((4, top + size // 2 - 6), name, fill=255)
+        for column, tile in enumerate(tiles):
+            pixels = (tile[0] * 255).round().to(torch.uint8).numpy()
+            grid.paste(Image.fromarray(pixels, mode="L"), (label_width + column * (size + gap), top))
+    grid.save(path, optimize=True)
 
 
 def main() -> None:
@@ -163,23 +169,28 @@ def main() -> None:
     print(
         f"inputs: accuracy {report['accuracy_inputs']:.3f}; bottom half blanked: {report['accuracy_bottom_blanked']:.3f}"
     )
-    grid_rows = [("input", images), ("masked", blanked)]
+    grid_rows = [("input", images), ("bottom blanked", blanked)]
     for spec in args.inpaint:
         row, results = inpaint(pipe, counter, images, labels, classifier, spec, args.seed)
         report["inpaint"].append(row)
-        grid_rows.append((f"inpaint {spec}", results))
+        steps, _, jumps = spec.partition(":")
+        name = f"RePaint {jumps.replace(':', '/')}, {steps} st." if jumps else f"plain, {steps} steps"
+        grid_rows.append((name, results))
         print(json.dumps(row))
     low = F.avg_pool2d(images, 2)
     bicubic = F.interpolate(low, scale_factor=2, mode="bicubic", align_corners=False).clamp(-1, 1)
     report["fd_inputs"] = digits_fd(images, reference_all)
     report["fd_bicubic"] = digits_fd(bicubic, reference_all)
     print(f"digits FD: inputs {report['fd_inputs']:.3f}, bicubic x2 {report['fd_bicubic']:.3f}")
-    grid_rows += [("4x4 reference", F.interpolate(low, scale_factor=2, mode="nearest")), ("bicubic", bicubic)]
+    grid_rows += [
+        ("4x4 reference", F.interpolate(low, scale_factor=2, mode="nearest")),
+        ("bicubic x2", bicubic),
+    ]
     for spec in args.ilvr:
         row, results = ilvr(pipe, images, reference_all, spec, args.seed)
         row["fd_ratio_to_bicubic"] = row["digits_fd"] / report["fd_bicubic"]
         report["ilvr"].append(row)
-        grid_rows.append((f"ILVR {spec}", results))
+        grid_rows.append((f"ILVR x2, {spec.partition(':')[0]} steps", results))
         print(json.dumps(row))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
