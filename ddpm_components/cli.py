@@ -463,7 +463,9 @@ def _add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
             "Sample images from a saved DDPM pipeline and write them as one PNG grid (and optionally one PNG per "
             "image). Folders saved by ddpm-components load with the installed code (no stored code runs); Hub "
             "repos are downloaded first. Image-to-image (SDEdit): --init-image noises the image to the level "
-            "--strength and denoises it from there. The options, the output paths and the input image are "
+            "--strength and denoises it from there. Inpainting (RePaint): --init-image with --mask repaints the mask's white "
+            "pixels and keeps the others exactly. Super-resolution (ILVR): --reference-image makes images whose "
+            "down-sampled version is that low-resolution image. The options, the output paths and the input image are "
             "checked before the model is loaded; nothing is written unless sampling succeeds."
         ),
         formatter_class=_DefaultsHelpFormatter,
@@ -541,6 +543,54 @@ def _add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
         "image (default 0.5)",
     )
     parser.add_argument(
+        "--mask",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="inpainting (RePaint) with --init-image: white pixels of this mask are repainted, black ones kept "
+        "exactly (resized to the model's resolution with nearest-neighbour sampling, thresholded at 0.5); the whole "
+        "chain runs unless --strength is given",
+    )
+    parser.add_argument(
+        "--jump-length",
+        type=_positive_int,
+        default=None,
+        metavar="L",
+        help="with --mask: RePaint's resampling runs pieces of L steps (default 10)",
+    )
+    parser.add_argument(
+        "--jump-n-sample",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="with --mask: each piece of --jump-length steps is run K times in all (default 1: plain replacement; "
+        "RePaint's 10 costs about 10x the U-Net calls)",
+    )
+    parser.add_argument(
+        "--reference-image",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="super-resolution (ILVR): a low-resolution image whose size times --reference-factor is the model's "
+        "resolution; the results down-sampled by that factor match it",
+    )
+    parser.add_argument(
+        "--reference-factor",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="with --reference-image: the down-sampling factor N (default: the model's resolution divided by the "
+        "reference's size)",
+    )
+    parser.add_argument(
+        "--reference-until",
+        type=_finite_float,
+        default=None,
+        metavar="F",
+        help="with --reference-image: the fraction of the steps, from the first, that follow the reference, in "
+        "(0, 1] (default 1: all)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -574,8 +624,7 @@ def _individual_names(num_images: int) -> list[str]:
 
 def _check_sample_options(args: argparse.Namespace) -> Any:
     """Everything about ``sample``'s options that needs no model; returns the decoded ``--init-image`` (or None)."""
-    from .data import check_output_file, check_output_folder, read_image_file
-    from .pipeline_ddpm import standardize_pil_image
+    from .data import check_output_file, check_output_folder
     from .sampling import SchedulerSpec
 
     if args.strength is not None and args.init_image is None:
@@ -599,14 +648,47 @@ def _check_sample_options(args: argparse.Namespace) -> Any:
         )
     if args.scheduler is not None:
         SchedulerSpec.parse(args.scheduler)
+    _check_control_options(args)
     if args.init_image is None:
         return None
-    image = read_image_file(args.init_image, "--init-image")
+    return _read_input_image(args.init_image, "--init-image")
+
+
+def _read_input_image(path: Path, flag: str) -> Any:
+    """An input image file, decoded and checked by the one image path (refuses e.g. 32-bit float images)."""
+    from .data import read_image_file
+    from .pipeline_ddpm import standardize_pil_image
+
+    image = read_image_file(path, flag)
     try:
-        standardize_pil_image(image, "RGB")  # refuses what the one image path cannot read (e.g. 32-bit float)
+        standardize_pil_image(image, "RGB")
     except ValueError as error:
-        raise ValueError(f"--init-image {str(args.init_image)!r}: {error}") from None
+        raise ValueError(f"{flag} {str(path)!r}: {error}") from None
     return image
+
+
+def _check_control_options(args: argparse.Namespace) -> None:
+    """The inpainting (--mask) and ILVR (--reference-image) options that need no model; reads both files."""
+    needs = {
+        "--jump-length": (args.jump_length, args.mask, "--mask"),
+        "--jump-n-sample": (args.jump_n_sample, args.mask, "--mask"),
+        "--reference-factor": (args.reference_factor, args.reference_image, "--reference-image"),
+        "--reference-until": (args.reference_until, args.reference_image, "--reference-image"),
+        "--mask": (args.mask, args.init_image, "--init-image"),
+    }
+    for flag, (value, needed, needed_flag) in needs.items():
+        if value is not None and needed is None:
+            raise ValueError(f"{flag} only applies with {needed_flag}: pass {needed_flag} FILE as well")
+    if args.mask is not None and args.reference_image is not None:
+        raise ValueError(
+            "--mask (inpainting) and --reference-image (ILVR) cannot be combined; pass one of them"
+        )
+    if args.reference_until is not None and not 0.0 < args.reference_until <= 1.0:
+        raise ValueError(f"--reference-until must be in (0, 1], got {args.reference_until}")
+    args.mask_pixels = None if args.mask is None else _read_input_image(args.mask, "--mask")
+    args.reference_pixels = (
+        None if args.reference_image is None else _read_input_image(args.reference_image, "--reference-image")
+    )
 
 
 def _init_image_for(pipeline: Any, image: Any) -> Any:
@@ -636,10 +718,20 @@ def _run_sample(args: argparse.Namespace) -> int:
     pipeline.set_progress_bar_config(file=getattr(args, "stderr", sys.stderr))
     call_kwargs = {}
     if init_image is not None:
+        default_strength = 1.0 if args.mask is not None else 0.5  # inpainting runs the whole chain
         call_kwargs.update(
             image=_init_image_for(pipeline, init_image),
-            strength=0.5 if args.strength is None else args.strength,
+            strength=default_strength if args.strength is None else args.strength,
         )
+    control_kwargs = {
+        "mask_image": args.mask_pixels,
+        "jump_length": args.jump_length,
+        "jump_n_sample": args.jump_n_sample,
+        "reference_image": args.reference_pixels,
+        "reference_factor": args.reference_factor,
+        "reference_until": args.reference_until,
+    }
+    call_kwargs.update({key: value for key, value in control_kwargs.items() if value is not None})
     labels = args.class_label if args.class_label is not None else args.class_name
     if args.steps is None:
         args.steps = getattr(pipeline, "default_num_inference_steps", 1000)
@@ -655,6 +747,7 @@ def _run_sample(args: argparse.Namespace) -> int:
         output_type="pt",
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs=None,
+        **{key: value for key, value in call_kwargs.items() if key in control_kwargs},
     )
     resumable = state is not None or args.num_images > args.batch_size
     outputs = SampleOutputs(args.out, args.out_dir, _sample_settings(args), args.num_images, resumable)
@@ -697,10 +790,20 @@ def _sample_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What makes ``sample``'s images what they are: a rerun into the same outputs must use the same."""
     import hashlib
 
-    init_image = None
-    if args.init_image is not None:
-        init_image = hashlib.sha256(args.init_image.read_bytes()).hexdigest()
+    def sha256(path: Path | None) -> str | None:
+        return None if path is None else hashlib.sha256(path.read_bytes()).hexdigest()
+
+    init_image = sha256(args.init_image)
+    control = {  # only what is used, so that folders sampled before these options existed still resume
+        "mask_sha256": sha256(args.mask),
+        "jump_length": args.jump_length,
+        "jump_n_sample": args.jump_n_sample,
+        "reference_image_sha256": sha256(args.reference_image),
+        "reference_factor": args.reference_factor,
+        "reference_until": args.reference_until,
+    }
     return {
+        **{key: value for key, value in control.items() if value is not None},
         "model": str(args.model),
         "steps": args.steps,
         "scheduler": args.scheduler,

@@ -252,6 +252,160 @@ def _one_image_to_tensor(image: Any, num_channels: int) -> torch.Tensor:
     return (unit * 2.0 - 1.0).float().contiguous()
 
 
+# --------------------------------------------------------------------------- control by noise level
+# Inpainting (RePaint, Lugmayr et al. 2022, arXiv 2201.09865) and super-resolution (ILVR, Choi et al. 2021,
+# arXiv 2108.02938) steer an unconditional (or class-conditional) DDPM without retraining: after every reverse
+# step x_t -> x_{t-1}, part of x_{t-1} is replaced by a sample of the forward process q(x_{t-1} | x_0) of the
+# input (the known pixels; the low frequencies of a low-resolution reference).
+
+#: RePaint's defaults (chosen by measurement, see docs/pipeline.md): jump_n_sample=1 is plain replacement
+DEFAULT_JUMP_LENGTH = 10
+DEFAULT_JUMP_N_SAMPLE = 1
+#: attributes of schedulers whose ``step`` depends on earlier steps (a step counter, a multistep history): such a
+#: scheduler cannot redo steps, which RePaint's resampling jumps need
+_STATEFUL_SCHEDULER_ATTRIBUTES = (
+    "_step_index",
+    "model_outputs",
+    "lower_order_nums",
+    "ets",
+    "counter",
+    "cur_model_output",
+    "cur_sample",
+)
+
+
+def repaint_step_indices(num_steps: int, jump_length: int, jump_n_sample: int) -> list[int]:
+    """The indices into the timesteps of every U-Net call of a RePaint chain of ``num_steps`` steps, in order.
+
+    Plain sampling (``jump_n_sample=1``) is ``[0, 1, ..., num_steps - 1]``. With resampling, the chain is cut
+    into pieces of ``jump_length`` steps counted back from its last step (as RePaint's reference code and
+    diffusers' ``RePaintScheduler`` do); each piece before the last step is run ``jump_n_sample`` times in all:
+    after it, the sample goes back up ``jump_length`` steps with the forward process and the piece is redone.
+    The last step (the one that returns x_0) is run once. Where an index is not above its predecessor, the
+    sample jumps back up from the state after the predecessor's step to that index's timestep. The number of
+    U-Net calls is ``num_steps + (jump_n_sample - 1) * jump_length * ((num_steps - 1) // jump_length)``.
+    """
+    remaining = {state: jump_n_sample - 1 for state in range(num_steps - 1, jump_length - 1, -jump_length)}
+    order, state = [], 0
+    while state < num_steps:
+        order.append(state)
+        state += 1
+        if remaining.get(state, 0) > 0:
+            remaining[state] -= 1
+            state -= jump_length
+    return order
+
+
+def low_pass(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """ILVR's φ_N: area down-sampling by ``factor`` then nearest up-sampling (the same size; a projection, so
+    ``low_pass(low_pass(x)) == low_pass(x)``, and ``x`` down-sampled by ``factor`` equals ``low_pass(x)``'s)."""
+    if factor == 1:
+        return images
+    pooled = torch.nn.functional.avg_pool2d(images, factor)
+    return torch.nn.functional.interpolate(pooled, scale_factor=factor, mode="nearest")
+
+
+def _bool_mask_as_float(mask: Any) -> Any:
+    """A boolean numpy / torch mask as floats (True = 1.0 = repaint); anything else unchanged."""
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+        return mask.float()
+    if type(mask).__module__ == "numpy" and getattr(getattr(mask, "dtype", None), "kind", None) == "b":
+        return mask.astype("float32")
+    return mask
+
+
+def mask_to_tensor(mask_image: Any, height: int, width: int) -> torch.Tensor:
+    """An inpainting mask as a float ``(N, 1, height, width)`` tensor of 0 (keep) and 1 (repaint).
+
+    The mask goes through the one image path (:func:`images_to_tensor`, greyscale: PIL images, numpy arrays and
+    tensors with the same ranges as ``image=``; booleans are accepted too, True = repaint), is resized to
+    ``height`` x ``width`` with nearest-neighbour sampling (PIL's convention, torch's ``nearest-exact``) and
+    thresholded at 0.5: white (>= 0.5) is repainted, black is kept.
+    """
+    parts = list(mask_image) if isinstance(mask_image, (list, tuple)) else [mask_image]
+    parts = [_bool_mask_as_float(part) for part in parts]
+    unit = (images_to_tensor(parts, 1) + 1.0) / 2.0
+    if tuple(unit.shape[-2:]) != (height, width):
+        unit = torch.nn.functional.interpolate(unit, size=(height, width), mode="nearest-exact")
+    return (unit >= 0.5).float()
+
+
+class NoiseLevelControl:
+    """What an inpainting or ILVR call imposes after every reverse step (made by
+    :meth:`DDPMPipeline.prepare_control`).
+
+    - Inpainting: ``mask`` (``(B, 1, H, W)`` bool, True = repaint) and ``known`` (x_0, the input images): after a
+      step to timestep s, the kept pixels become a sample of q(x_s | x_0) (the scheduler's ``add_noise``); after
+      the last step they become x_0 itself, so the result keeps the input's pixels exactly. RePaint's resampling
+      (``jump_n_sample > 1``) goes back up with q(x_t | x_s) = N(√(ᾱ_t/ᾱ_s) x_s, (1 − ᾱ_t/ᾱ_s) I), the product of
+      the one-step forward transitions between the kept (possibly respaced) timesteps.
+    - ILVR: ``reference`` (the low-resolution reference, nearest-upsampled to the model's size) and ``factor``:
+      x_{s} ← x_{s} − φ_N(x_{s}) + φ_N(y_{s}), y_s ~ q(y_s | y_0), for the first ``reference_until`` part of the
+      chain; after the last step y_0 itself, so the result down-sampled by N equals the reference.
+    """
+
+    def __init__(
+        self,
+        scheduler: Any,
+        *,
+        known: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        jump_length: int = DEFAULT_JUMP_LENGTH,
+        jump_n_sample: int = DEFAULT_JUMP_N_SAMPLE,
+        reference: torch.Tensor | None = None,
+        factor: int = 1,
+        reference_until: float = 1.0,
+    ) -> None:
+        self.scheduler = scheduler
+        self.known, self.mask = known, mask
+        self.jump_length, self.jump_n_sample = jump_length, jump_n_sample
+        self.reference, self.factor, self.reference_until = reference, factor, reference_until
+        self.guided_steps = 0
+
+    def step_order(self, num_steps: int) -> list[int]:
+        """The timestep indices of every U-Net call (see :func:`repaint_step_indices`)."""
+        self.guided_steps = max(1, math.ceil(self.reference_until * num_steps - 1e-9))
+        if self.mask is None:
+            return list(range(num_steps))
+        return repaint_step_indices(num_steps, self.jump_length, self.jump_n_sample)
+
+    def _noised(self, clean: torch.Tensor, timestep: torch.Tensor, generator: Any) -> torch.Tensor:
+        """A sample of q(x_t | x_0 = clean) at ``timestep`` (a 1-element tensor; empty: x_0 itself)."""
+        if timestep.numel() == 0:
+            return clean
+        noise = randn_tensor(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
+        return self.scheduler.add_noise(clean, noise, timestep.reshape(1).repeat(clean.shape[0]))
+
+    def start(self, latents: torch.Tensor, timestep: torch.Tensor, generator: Any) -> torch.Tensor:
+        """The first sample: for inpainting, the kept pixels noised to the first timestep."""
+        if self.mask is None:
+            return latents
+        return torch.where(self.mask, latents, self._noised(self.known, timestep, generator))
+
+    def project(
+        self, latents: torch.Tensor, step_index: int, next_timestep: torch.Tensor, generator: Any
+    ) -> torch.Tensor:
+        """x after the scheduler's step ``step_index``, whose noise level is ``next_timestep`` (empty: x_0), with
+        the known pixels (inpainting) or the reference's low frequencies (ILVR) imposed."""
+        if self.mask is not None:
+            return torch.where(self.mask, latents, self._noised(self.known, next_timestep, generator))
+        if step_index >= self.guided_steps:
+            return latents
+        target = self._noised(self.reference, next_timestep, generator)
+        return latents - low_pass(latents, self.factor) + low_pass(target, self.factor)
+
+    def finish(self, latents: torch.Tensor) -> torch.Tensor:
+        """The result: for inpainting, the input's pixels pasted on the kept region (exactly)."""
+        return latents if self.mask is None else torch.where(self.mask, latents, self.known)
+
+    def jump(self, latents: torch.Tensor, timestep: int, to_timestep: int, generator: Any) -> torch.Tensor:
+        """RePaint's jump back up: a sample of q(x_to | x_timestep), to_timestep > timestep."""
+        alphas_cumprod = self.scheduler.alphas_cumprod
+        ratio = float(alphas_cumprod[to_timestep].double() / alphas_cumprod[timestep].double())
+        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        return latents * math.sqrt(ratio) + noise * math.sqrt(max(0.0, 1.0 - ratio))
+
+
 # ------------------------------------------------------------------------------------------ the pipeline
 class DDPMPipeline(DiffusionPipeline):
     """Pipeline for DDPM image generation (Ho et al. 2020) with image-to-image and classifier-free guidance.
@@ -335,8 +489,15 @@ class DDPMPipeline(DiffusionPipeline):
         output_type: str,
         callback_on_step_end: Any,
         callback_on_step_end_tensor_inputs: list[str] | None,
-    ) -> None:
-        """Validate every argument of :meth:`__call__` before any work (diffusers' ``check_inputs`` convention).
+        mask_image: Any = None,
+        jump_length: int | None = None,
+        jump_n_sample: int | None = None,
+        reference_image: Any = None,
+        reference_factor: int | None = None,
+        reference_until: float | None = None,
+    ) -> int:
+        """Validate every argument of :meth:`__call__` before any work (diffusers' ``check_inputs`` convention);
+        return the number of images the call makes.
 
         Raises ``ValueError`` naming the bad value and what is allowed. This is the one user-facing check of
         class labels (the U-Net's ``forward`` does not check label values): it knows the batch size, the class
@@ -355,6 +516,10 @@ class DDPMPipeline(DiffusionPipeline):
                 f"strength must be in (0, 1] (the fraction of the schedule to run), got {strength}"
             )
         num_images = int(batch_size) if image is None else self._check_image(image, int(batch_size))
+        num_images = self._check_control(
+            num_images, image, mask_image, jump_length, jump_n_sample, reference_image, reference_factor,
+            reference_until,
+        )  # fmt: skip
         if isinstance(generator, list):
             if len(generator) != num_images:
                 raise ValueError(
@@ -368,6 +533,151 @@ class DDPMPipeline(DiffusionPipeline):
             raise ValueError(f"generator must be a torch.Generator or a list of them, got {bad[0]!r}")
         self._check_class_labels(class_labels, num_images, guidance_scale)
         self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        return num_images
+
+    def _check_control(
+        self,
+        num_images: int,
+        image: Any,
+        mask_image: Any,
+        jump_length: Any,
+        jump_n_sample: Any,
+        reference_image: Any,
+        reference_factor: Any,
+        reference_until: Any,
+    ) -> int:
+        """Check the inpainting (``mask_image``) and ILVR (``reference_image``) arguments and the scheduler they
+        need; return the number of images (a mask or reference batch can set it, as several images do)."""
+        unused = {"jump_length": jump_length, "jump_n_sample": jump_n_sample} if mask_image is None else {}
+        if reference_image is None:
+            unused.update(reference_factor=reference_factor, reference_until=reference_until)
+        for name, value in unused.items():
+            if value is not None:
+                needs = (
+                    "inpainting: pass mask_image="
+                    if name.startswith("jump")
+                    else "ILVR: pass reference_image="
+                )
+                raise ValueError(f"{name}={value!r} only applies to {needs} as well")
+        if mask_image is None and reference_image is None:
+            return num_images
+        if mask_image is not None and reference_image is not None:
+            raise ValueError(
+                "mask_image (inpainting) and reference_image (ILVR super-resolution) cannot be combined in one "
+                "call; pass one of them"
+            )
+        channels, height, width = self._sample_shape()
+        if mask_image is not None:
+            if image is None:
+                raise ValueError(
+                    "mask_image needs image=: the pictures whose black (unmasked) pixels are kept and whose white "
+                    "(masked) pixels are repainted"
+                )
+            for name, value in (("jump_length", jump_length), ("jump_n_sample", jump_n_sample)):
+                if value is not None and (not _is_integer(value) or value < 1):
+                    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            try:
+                count = mask_to_tensor(mask_image, height, width).shape[0]
+            except ValueError as error:
+                raise ValueError(f"mask_image: {error}") from None
+            self._check_control_scheduler("inpainting (mask_image)", jump_n_sample or DEFAULT_JUMP_N_SAMPLE)
+            return self._batch_with("mask_image", count, num_images)
+        try:
+            reference = images_to_tensor(reference_image, channels)
+        except ValueError as error:
+            raise ValueError(f"reference_image: {error}") from None
+        self._reference_factor(tuple(reference.shape), reference_factor)
+        if reference_until is not None:
+            _check_finite("reference_until", reference_until)
+            if not 0.0 < reference_until <= 1.0:
+                raise ValueError(
+                    f"reference_until must be in (0, 1] (the fraction of the steps, from the first, that follow "
+                    f"the reference; 1 = all), got {reference_until}"
+                )
+        self._check_control_scheduler("ILVR (reference_image)", 1)
+        return self._batch_with("reference_image", reference.shape[0], num_images)
+
+    @staticmethod
+    def _batch_with(name: str, count: int, num_images: int) -> int:
+        """The batch size once ``name``'s ``count`` images join a batch of ``num_images`` (1 is repeated)."""
+        if count == 1:
+            return num_images
+        if num_images not in (1, count):
+            raise ValueError(
+                f"{name} holds {count} images for a batch of {num_images}: pass one (used for every image) or "
+                f"{num_images}"
+            )
+        return count
+
+    def _reference_factor(self, shape: tuple[int, ...], reference_factor: Any) -> int:
+        """ILVR's down-sampling factor N for a reference of ``shape``: ``reference_factor``, checked, or inferred
+        from the sizes when ``None``. The reference's size times N must be the U-Net's resolution."""
+        _, height, width = self._sample_shape()
+        low_height, low_width = shape[-2:]
+        factors = [n for n in range(1, min(height, width) + 1) if height % n == 0 and width % n == 0]
+        if reference_factor is None:
+            if height % low_height or width % low_width or height // low_height != width // low_width:
+                raise ValueError(
+                    f"reference_image is {low_height}x{low_width}, which is not this U-Net's {height}x{width} "
+                    f"divided by one integer factor; valid references are {height}x{width} divided by one of "
+                    f"{factors}"
+                )
+            return height // low_height
+        if not _is_integer(reference_factor) or reference_factor < 1:
+            raise ValueError(
+                f"reference_factor must be a positive integer (the down-sampling factor N), got {reference_factor!r}"
+            )
+        factor = int(reference_factor)
+        if (low_height * factor, low_width * factor) != (height, width):
+            raise ValueError(
+                f"reference_image is {low_height}x{low_width} and reference_factor={factor} gives "
+                f"{low_height * factor}x{low_width * factor}, but this U-Net makes {height}x{width} images: pass "
+                + (
+                    f"a {height // factor}x{width // factor} reference for reference_factor={factor}"
+                    if factor in factors
+                    else f"reference_factor in {factors} with a reference of {height}x{width} divided by it"
+                )
+            )
+        return factor
+
+    def _check_control_scheduler(self, what: str, jump_n_sample: int) -> None:
+        """Refuse a scheduler that lacks what inpainting / ILVR needs: a forward process q(x_t | x_0)
+        (``add_noise``) and one U-Net call per timestep; for RePaint's jumps also ᾱ_t (``alphas_cumprod``),
+        variance-preserving samples and a step that can be redone (no step counter or multistep history)."""
+        scheduler = self.scheduler
+        name = type(scheduler).__name__
+        if not callable(getattr(scheduler, "add_noise", None)):
+            raise ValueError(
+                f"{what} needs the scheduler's forward process q(x_t | x_0), but {name} has no add_noise; use "
+                "ddpm_components' DDPMScheduler or diffusers' DDPMScheduler / DDIMScheduler"
+            )
+        if getattr(scheduler, "order", 1) != 1:
+            raise ValueError(
+                f"{what} needs a first-order scheduler (one U-Net call per timestep); {name} has order "
+                f"{scheduler.order}: use DDPMScheduler or DDIMScheduler"
+            )
+        if jump_n_sample == 1:
+            return
+        if getattr(scheduler, "alphas_cumprod", None) is None:
+            raise ValueError(
+                f"RePaint's resampling (jump_n_sample={jump_n_sample}) goes back up with q(x_t | x_s), which needs "
+                f"ᾱ_t, but {name} has no alphas_cumprod; use jump_n_sample=1 or DDPMScheduler / DDIMScheduler"
+            )
+        if getattr(scheduler, "init_noise_sigma", 1.0) != 1.0:
+            raise ValueError(
+                f"RePaint's resampling (jump_n_sample={jump_n_sample}) needs variance-preserving samples, but {name} "
+                f"samples in sigma units (init_noise_sigma={float(scheduler.init_noise_sigma):.4g}); use "
+                "jump_n_sample=1 or DDPMScheduler / DDIMScheduler"
+            )
+        stateful = [
+            attribute for attribute in _STATEFUL_SCHEDULER_ATTRIBUTES if hasattr(scheduler, attribute)
+        ]
+        if stateful:
+            raise ValueError(
+                f"RePaint's resampling (jump_n_sample={jump_n_sample}) redoes steps, but {name}'s step depends on "
+                f"its earlier steps (it keeps {', '.join(stateful)}); use jump_n_sample=1, or a scheduler whose step "
+                "depends only on (model output, t, x_t): DDPMScheduler or DDIMScheduler"
+            )
 
     def _check_steps(self, num_inference_steps: Any, timesteps: Any) -> None:
         if timesteps is not None:
@@ -587,6 +897,43 @@ class DDPMPipeline(DiffusionPipeline):
             return self.scheduler.add_noise(init_image, noise, timesteps[:1].repeat(batch_size))
         return noise * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
+    def prepare_control(
+        self,
+        init_image: torch.Tensor | None,
+        batch_size: int,
+        mask_image: Any = None,
+        jump_length: int | None = None,
+        jump_n_sample: int | None = None,
+        reference_image: Any = None,
+        reference_factor: int | None = None,
+        reference_until: float | None = None,
+    ) -> NoiseLevelControl | None:
+        """What inpainting (``mask_image``) or ILVR (``reference_image``) imposes after every step, on the device
+        and in the dtype of the U-Net; ``None`` for plain sampling. Assumes :meth:`check_inputs` passed."""
+        if mask_image is None and reference_image is None:
+            return None
+        channels, height, width = self._sample_shape()
+        device, dtype = self._execution_device, self.unet.dtype
+        if mask_image is not None:
+            mask = mask_to_tensor(mask_image, height, width).to(device=device).bool()
+            return NoiseLevelControl(
+                self.scheduler,
+                known=init_image,
+                mask=mask.expand(batch_size, -1, -1, -1) if mask.shape[0] == 1 else mask,
+                jump_length=DEFAULT_JUMP_LENGTH if jump_length is None else int(jump_length),
+                jump_n_sample=DEFAULT_JUMP_N_SAMPLE if jump_n_sample is None else int(jump_n_sample),
+            )
+        reference = images_to_tensor(reference_image, channels)
+        factor = self._reference_factor(tuple(reference.shape), reference_factor)
+        reference = torch.nn.functional.interpolate(reference, scale_factor=factor, mode="nearest")
+        reference = reference.expand(batch_size, -1, -1, -1) if reference.shape[0] == 1 else reference
+        return NoiseLevelControl(
+            self.scheduler,
+            reference=reference.to(device=device, dtype=dtype).contiguous(),
+            factor=factor,
+            reference_until=1.0 if reference_until is None else float(reference_until),
+        )
+
     def prepare_image(
         self, image: Any, batch_size: int, device: torch.device, dtype: torch.dtype
     ) -> torch.Tensor:
@@ -647,6 +994,12 @@ class DDPMPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        mask_image: Any = None,
+        jump_length: int | None = None,
+        jump_n_sample: int | None = None,
+        reference_image: Any = None,
+        reference_factor: int | None = None,
+        reference_until: float | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generate images by running the reverse diffusion process.
 
@@ -665,8 +1018,8 @@ class DDPMPipeline(DiffusionPipeline):
             guidance_scale: classifier-free guidance weight g (finite): ε = ε_uncond + g (ε_cond − ε_uncond); 1.0
                 turns it off. Needs a U-Net with a null class (``unet.null_class_label``). With learned variance
                 only the first C output channels (the mean part) are guided; the conditional variance is kept.
-            image: image-to-image (SDEdit): PIL image(s), numpy arrays or tensors, with the ranges documented in
-                :func:`images_to_tensor`, at the U-Net's size.
+            image: image-to-image (SDEdit), or the picture to inpaint with ``mask_image``: PIL image(s), numpy
+                arrays or tensors, with the ranges documented in :func:`images_to_tensor`, at the U-Net's size.
             strength: with ``image``, in (0, 1]: the fraction of the denoising schedule to run. The image is noised
                 with ``scheduler.add_noise`` to the first kept timestep and denoised from there; 1.0 starts from
                 (almost) pure noise.
@@ -675,6 +1028,24 @@ class DDPMPipeline(DiffusionPipeline):
             callback_on_step_end: ``callback(pipe, step_index, timestep, callback_kwargs) -> dict`` called after
                 every step (diffusers' convention); returned tensors (e.g. ``"latents"``) replace the current ones.
             callback_on_step_end_tensor_inputs: names passed in ``callback_kwargs`` (default ``["latents"]``).
+            mask_image: inpainting (RePaint): with ``image``, where white (>= 0.5) is repainted and black is kept,
+                as in diffusers' Stable Diffusion inpainting pipelines (the opposite of diffusers'
+                ``RePaintPipeline``). PIL image(s), numpy arrays, tensors (as ``image``; booleans too), resized to
+                the U-Net's size with nearest-neighbour sampling; one mask or one per image. After every step the
+                kept pixels are replaced by q(x_{t-1} | x_0) of the input, and the result keeps them exactly. The
+                whole chain runs from pure noise unless ``strength`` < 1 is given (then as image-to-image).
+            jump_length, jump_n_sample: RePaint's resampling (default 10 and 1): each piece of ``jump_length``
+                steps is run ``jump_n_sample`` times in all, going back up with the forward process between runs
+                (see :func:`repaint_step_indices`); ``jump_n_sample=1`` is plain replacement. RePaint's 10 / 10
+                costs about 10× the U-Net calls.
+            reference_image: super-resolution (ILVR): a low-resolution image (or one per image, as ``image``);
+                after every step x_{t-1} ← x_{t-1} − φ_N(x_{t-1}) + φ_N(y_{t-1}), y_{t-1} ~ q(y_{t-1} | y_0), where
+                φ_N is area down-sampling by N then nearest up-sampling. The result down-sampled by N matches it.
+            reference_factor: N (an integer); its size times N must be the U-Net's resolution. Default: inferred
+                from the sizes.
+            reference_until: the fraction of the steps, from the first, that follow the reference, in (0, 1]
+                (default 1: all, so the result down-sampled by N equals the reference up to clipping); less leaves
+                the last steps free (ILVR's conditioning range).
 
         Returns:
             ``ImagePipelineOutput(images=...)`` or ``(images,)``.
@@ -683,46 +1054,49 @@ class DDPMPipeline(DiffusionPipeline):
             ValueError: a bad argument (see :meth:`check_inputs`), before any denoising step.
             FloatingPointError: the samples hold NaN or infinity (see :meth:`postprocess`).
         """
+        control_kwargs = dict(
+            mask_image=mask_image, jump_length=jump_length, jump_n_sample=jump_n_sample, reference_image=reference_image,
+            reference_factor=reference_factor, reference_until=reference_until,
+        )  # fmt: skip
         # 1. check every input before any work
         if num_inference_steps is None:
             num_inference_steps = self.default_num_inference_steps
-        self.check_inputs(
+        batch_size = self.check_inputs(
             batch_size, generator, num_inference_steps, timesteps, class_labels, guidance_scale, image, strength,
-            output_type, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            output_type, callback_on_step_end, callback_on_step_end_tensor_inputs, **control_kwargs,
         )  # fmt: skip
         self._guidance_scale = float(guidance_scale)
         self._interrupt = False
         device, dtype = self._execution_device, self.unet.dtype
-        init_image = None if image is None else self.prepare_image(image, int(batch_size), device, dtype)
-        batch_size = int(batch_size) if init_image is None else init_image.shape[0]
+        init_image = None if image is None else self.prepare_image(image, batch_size, device, dtype)
         labels = self.prepare_class_labels(class_labels, batch_size, device)
+        control = self.prepare_control(init_image, batch_size, **control_kwargs)
 
         # 2. timesteps: all of them, or the last `strength` part for image-to-image
         schedule = self.prepare_timesteps(
             num_inference_steps, timesteps, None if image is None else strength, device
         )
-        self._num_timesteps = len(schedule)
 
-        # 3. x_T (or the noised image)
-        latents = self.prepare_latents(batch_size, init_image, schedule, generator, device, dtype)
-
-        # 4. the denoising loop (Algorithm 2)
-        step_kwargs = (
-            {"generator": generator}
-            if "generator" in inspect.signature(self.scheduler.step).parameters
-            else {}
+        # 3. x_T (or the noised image; inpainting the whole chain starts from pure noise, as diffusers does)
+        from_noise = mask_image is not None and strength == 1.0
+        latents = self.prepare_latents(
+            batch_size, None if from_noise else init_image, schedule, generator, device, dtype
         )
-        callback_names = self._callback_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        for i, t in enumerate(self.progress_bar(schedule)):
-            if self.interrupt:
-                break
-            model_output = self.predict_model_output(latents, t, labels)
-            latents = self.scheduler.step(model_output, t, latents, **step_kwargs, return_dict=False)[0]
-            if callback_on_step_end is not None:
-                scope = {"latents": latents}
-                callback_kwargs = {name: scope[name] for name in callback_names}
-                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                latents = callback_outputs.pop("latents", latents)
+        if control is not None:
+            latents = control.start(latents, schedule[:1], generator)
+
+        # 4. the denoising loop (Algorithm 2), with the inpainting / ILVR replacements after every step
+        latents = self.denoise(
+            latents,
+            schedule,
+            labels,
+            generator,
+            control,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
+        if control is not None:
+            latents = control.finish(latents)
 
         # 5. postprocess
         images = self.postprocess(latents, output_type)
@@ -730,6 +1104,46 @@ class DDPMPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        schedule: torch.Tensor,
+        labels: torch.Tensor | None,
+        generator: torch.Generator | list[torch.Generator] | None,
+        control: NoiseLevelControl | None = None,
+        callback_on_step_end: Any = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> torch.Tensor:
+        """The reverse chain over ``schedule`` from ``latents``: one U-Net call and one ``scheduler.step`` per
+        step, then ``control``'s replacement (inpainting, ILVR) and the step-end callback. With RePaint's
+        resampling the chain goes back up (``control.jump``) and redoes steps (:func:`repaint_step_indices`)."""
+        step_kwargs = (
+            {"generator": generator}
+            if "generator" in inspect.signature(self.scheduler.step).parameters
+            else {}
+        )
+        callback_names = self._callback_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        order = list(range(len(schedule))) if control is None else control.step_order(len(schedule))
+        self._num_timesteps = len(order)
+        values = [int(t) for t in schedule] if control is not None and control.jump_n_sample > 1 else []
+        previous = -1
+        for i, index in enumerate(self.progress_bar(order)):
+            if self.interrupt:
+                break
+            if index <= previous:  # RePaint: back up from the state after step `previous` to step `index`
+                latents = control.jump(latents, values[previous + 1], values[index], generator)
+            previous, t = index, schedule[index]
+            model_output = self.predict_model_output(latents, t, labels)
+            latents = self.scheduler.step(model_output, t, latents, **step_kwargs, return_dict=False)[0]
+            if control is not None:
+                latents = control.project(latents, index, schedule[index + 1 : index + 2], generator)
+            if callback_on_step_end is not None:
+                scope = {"latents": latents}
+                callback_kwargs = {name: scope[name] for name in callback_names}
+                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                latents = callback_outputs.pop("latents", latents)
+        return latents
 
     # ------------------------------------------------------------------------------------- saving
     def save_pretrained(

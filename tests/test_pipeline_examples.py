@@ -63,3 +63,23 @@ def test_image_to_image_example_reads_16_bit_greyscale(tmp_path: Path, monkeypat
         generator=torch.Generator().manual_seed(0),
     ).images[0]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out.png")), np.asarray(expected))
+
+
+def test_inpaint_and_super_resolution_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    import numpy as np
+
+    model = tmp_path / "ours"
+    tiny_pipeline().save_pretrained(model)
+    digit = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
+    Image.fromarray(digit, mode="L").save(tmp_path / "digit.png")
+    Image.fromarray(digit[::2, ::2], mode="L").save(tmp_path / "low.png")
+    _run("inpaint.py", "--model", str(model), "--image", str(tmp_path / "digit.png"), "--steps", "4",
+         "--jump-length", "2", "--jump-n-sample", "2", "--num-images", "2", "--out", str(tmp_path / "i.png"),
+         monkeypatch=monkeypatch)  # fmt: skip
+    grid = np.asarray(Image.open(tmp_path / "i.png"))
+    assert grid.shape == (8, 24) and "6 U-Net calls each" in capsys.readouterr().out
+    for column in (1, 2):  # the top half (black in the default mask) is the input's
+        np.testing.assert_array_equal(grid[:4, 8 * column : 8 * column + 8], digit[:4])
+    _run("super_resolution.py", "--model", str(model), "--image", str(tmp_path / "low.png"), "--steps", "4",
+         "--num-images", "2", "--out", str(tmp_path / "s.png"), monkeypatch=monkeypatch)  # fmt: skip
+    assert Image.open(tmp_path / "s.png").size == (24, 8)
