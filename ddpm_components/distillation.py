@@ -541,6 +541,8 @@ class _DistillLoop(_TrainLoop):
     loss of the current round, and at the end of each round its EMA weights become the teacher (and the student's
     start) of the next; the optimizer state, the EMA and the learning-rate schedule restart with each round."""
 
+    progress_name = "distill"
+
     def __init__(
         self, config: TrainingConfig, options: DistillationConfig, teacher: Teacher, stop: Any
     ) -> None:

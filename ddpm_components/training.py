@@ -1642,6 +1642,8 @@ class _TrainLoop:
       on their steps; :meth:`finish`: the final grid, save and push; :meth:`close`: always, last.
     """
 
+    progress_name = "train"  # the progress bar's label
+
     def __init__(self, config: TrainingConfig, stop: _StopSignals) -> None:
         self.config = config
         self.stop = stop
@@ -1908,7 +1910,7 @@ class _TrainLoop:
         self.bar = tqdm(
             total=config.max_train_steps,
             initial=self.start_step,
-            desc="train",
+            desc=self.progress_name,
             disable=not accelerator.is_local_main_process,
             dynamic_ncols=True,
         )
