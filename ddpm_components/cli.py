@@ -223,8 +223,6 @@ DIFFUSERS_ALIASES: dict[str, tuple[str, ...]] = {
 }
 #: diffusers' flags that are accepted with a one-line note: what they do here instead
 DIFFUSERS_NOTES: dict[str, str] = {
-    "--save_model_epochs": "the pipeline is saved once, at the end (periodic saves of the model are not implemented "
-    "yet); resumable checkpoints are written every --checkpointing-steps",
     "--logging_dir": "logs are written to <output-dir>/logs (the folder is fixed)",
     "--local_rank": "the process rank comes from accelerate's environment (as in diffusers, where it is unused)",
     "--enable_xformers_memory_efficient_attention": "not needed: the U-Net's attention uses torch's "

@@ -345,6 +345,20 @@ class TrainingConfig:
             "steps of one epoch (not with --dataset-streaming)"
         },
     )
+    save_model_steps: int = field(
+        default=0,
+        metadata={
+            "help": "also save the EMA pipeline (loadable anywhere, with its card) into --output-dir every N optimizer "
+            "steps, so that a run that stops early leaves a usable model; checkpoints are untouched (0: only at the end)"
+        },
+    )
+    save_model_epochs: int | None = field(
+        default=None,
+        metadata={
+            "help": "save the EMA pipeline every N epochs instead: sets --save-model-steps to N x the optimizer "
+            "steps of one epoch (not with --dataset-streaming)"
+        },
+    )
     num_inference_steps: int = field(default=1000, metadata={"help": "denoising steps for the sample grids"})
     evaluate: bool = field(
         default=True,
@@ -469,7 +483,14 @@ class TrainingConfig:
         ]
         positive += [
             name
-            for name in ("resolution", "cpu_threads", "layers_per_block", "num_epochs", "save_images_epochs")
+            for name in (
+                "resolution",
+                "cpu_threads",
+                "layers_per_block",
+                "num_epochs",
+                "save_images_epochs",
+                "save_model_epochs",
+            )
             if getattr(self, name) is not None
         ]
         for name in positive:
@@ -479,6 +500,7 @@ class TrainingConfig:
             "lr_warmup_steps",
             "checkpointing_steps",
             "sample_every_steps",
+            "save_model_steps",
             "eval_every_steps",
             "dataloader_num_workers",
         ]
@@ -514,7 +536,7 @@ class TrainingConfig:
         if not self.dataset_split:
             raise ValueError("dataset_split must name a split, e.g. 'train'")
         if self.dataset_streaming:
-            for name in ("num_epochs", "save_images_epochs"):
+            for name in ("num_epochs", "save_images_epochs", "save_model_epochs"):
                 if getattr(self, name) is not None:
                     raise ValueError(
                         f"{name} needs the dataset's length, which a streamed dataset (dataset_streaming) does not "
@@ -1719,10 +1741,15 @@ class _TrainLoop:
         self.stop.raise_if_requested()
 
     def _epochs_to_steps(self) -> None:
-        """``num_epochs`` and ``save_images_epochs`` (diffusers' options) in optimizer steps, now that the data
-        loader's length is known: one epoch is ceil(batches per process / gradient_accumulation_steps) steps."""
+        """``num_epochs``, ``save_images_epochs`` and ``save_model_epochs`` (diffusers' options) in optimizer steps, now
+        that the data loader's length is known: one epoch is ceil(batches per process / gradient_accumulation_steps)
+        steps."""
         config = self.config
-        if config.num_epochs is None and config.save_images_epochs is None:
+        if (
+            config.num_epochs is None
+            and config.save_images_epochs is None
+            and config.save_model_epochs is None
+        ):
             return
         steps_per_epoch = math.ceil(len(self.dataloader) / config.gradient_accumulation_steps)
         changes = {}
@@ -1730,6 +1757,8 @@ class _TrainLoop:
             changes["max_train_steps"] = config.num_epochs * steps_per_epoch
         if config.save_images_epochs is not None:
             changes["sample_every_steps"] = config.save_images_epochs * steps_per_epoch
+        if config.save_model_epochs is not None:
+            changes["save_model_steps"] = config.save_model_epochs * steps_per_epoch
         self.config = dataclasses.replace(config, **changes)
         self.accelerator.print(
             f"{steps_per_epoch} optimizer steps per epoch: "
@@ -1943,6 +1972,12 @@ class _TrainLoop:
                 and step < config.max_train_steps
             ):
                 self.evaluate(step)
+            if (
+                config.save_model_steps
+                and step % config.save_model_steps == 0
+                and step < config.max_train_steps
+            ):
+                self.save_model(step)
         self.bar.close()
 
     def run_step(self, micro_step: int, batch: dict[str, torch.Tensor]) -> bool:
@@ -2076,6 +2111,25 @@ class _TrainLoop:
             )
             self.stop.raise_if_requested()  # an unfinished grid is not written
             save_png(grid, self.output_dir / SAMPLES_FOLDER / f"step-{step:07d}.png")
+        self.accelerator.wait_for_everyone()
+
+    def save_model(self, step: int) -> None:
+        """A periodic save of the EMA pipeline into the output folder, as the final save writes it (atomically: an
+        interrupted save leaves the previous one); the final save replaces it."""
+        from .pipeline_ddpm import DDPMPipeline
+
+        if self.is_main:
+            self.phase = f"the save of step {step}"
+            pipeline = DDPMPipeline(
+                unet=_ema_unet(self.accelerator, self.model, self.ema), scheduler=self.scheduler
+            )
+            pipeline.save_pretrained(
+                str(self.output_dir),
+                training_config=shareable_config(self.config, self.run_id),
+                overwrite=True,
+            )
+            self.bar.write(f"step {step}: saved the EMA pipeline to {self.output_dir}")
+            self.phase = "training"
         self.accelerator.wait_for_everyone()
 
     # -------------------------------------------------------------------------------- evaluate

@@ -506,3 +506,40 @@ def test_folder_data_gets_an_fid_with_inception_weights(tmp_path, capsys, monkey
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [record["eval_fid"] > 0 for record in records if "eval_fid" in record] == [True]
     assert "FID (Inception-V3), 6 samples" in (tmp_path / "run" / "README.md").read_text()
+
+
+def test_periodic_saves_leave_a_loadable_pipeline_during_training(tmp_path, monkeypatch):
+    """--save-model-steps 2 of 5: the EMA pipeline is saved at steps 2 and 4 and at the end; the save of step 2
+    loads with diffusers' DiffusionPipeline and samples, and the checkpoints are untouched."""
+    import shutil
+
+    from diffusers import DiffusionPipeline
+
+    from ddpm_components.pipeline_ddpm import DDPMPipeline
+
+    saved: list[Path] = []
+    original = DDPMPipeline.save_pretrained
+
+    def save_and_copy(self, save_directory, **kwargs):
+        result = original(self, save_directory, **kwargs)
+        saved.append(
+            shutil.copytree(save_directory, tmp_path / f"save-{len(saved)}", ignore=_only_the_pipeline)
+        )
+        return result
+
+    monkeypatch.setattr(DDPMPipeline, "save_pretrained", save_and_copy)
+    config = tiny_config(
+        tmp_path / "out", max_train_steps=5, save_model_steps=2, checkpointing_steps=2, evaluate=False
+    )
+    train(config)
+    assert len(saved) == 3  # steps 2 and 4, then the final save
+    pipeline = DiffusionPipeline.from_pretrained(saved[0], trust_remote_code=True)
+    images = pipeline(batch_size=1, num_inference_steps=2, output_type="np", class_labels=[0]).images
+    assert images.shape[0] == 1 and np.isfinite(images).all()
+    assert [path.name for path in list_checkpoints(tmp_path / "out")][-1] == "checkpoint-5"
+    with pytest.raises(ValueError, match="save_model_steps must be zero or positive"):
+        tiny_config(tmp_path / "other", save_model_steps=-1)
+
+
+def _only_the_pipeline(folder, names):
+    return [name for name in names if name.startswith("checkpoint-") or name in ("samples", "logs")]

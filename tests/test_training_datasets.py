@@ -115,11 +115,13 @@ def test_a_diffusers_command_line_runs_unchanged(tmp_path, capsys, data_flag):
         --ddpm_num_steps=50 --ddpm_num_inference_steps=2 --logger=tensorboard --logging_dir=logs
         --cache_dir={tmp_path / "cache"} --enable_xformers_memory_efficient_attention"""
     assert main(shlex.split(command)) == 0, capsys.readouterr().err
-    err = capsys.readouterr().err
-    assert "note: --save_model_epochs the pipeline is saved once, at the end" in err
-    assert "note: --enable_xformers_memory_efficient_attention" in err
+    printed = capsys.readouterr()
+    assert "note: --save_model_epochs" not in printed.err  # it does what it does in diffusers
+    assert "step 2: saved the EMA pipeline" in printed.out + printed.err
+    assert "note: --enable_xformers_memory_efficient_attention" in printed.err
     record = json.loads((out / "training_config.json").read_text())
     assert record["num_epochs"] == 2 and record["max_train_steps"] == 4 and record["sample_every_steps"] == 2
+    assert record["save_model_steps"] == 2
     assert record["num_train_timesteps"] == 50 and record["report_to"] == "tensorboard"
     assert [path.name for path in list_checkpoints(out)] == ["checkpoint-4"]
     assert (out / "samples" / "step-0000002.png").is_file() and (out / "logs" / "ddpm-components").is_dir()
