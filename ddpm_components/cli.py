@@ -223,7 +223,6 @@ DIFFUSERS_ALIASES: dict[str, tuple[str, ...]] = {
 }
 #: diffusers' flags that are accepted with a one-line note: what they do here instead
 DIFFUSERS_NOTES: dict[str, str] = {
-    "--logging_dir": "logs are written to <output-dir>/logs (the folder is fixed)",
     "--local_rank": "the process rank comes from accelerate's environment (as in diffusers, where it is unused)",
     "--enable_xformers_memory_efficient_attention": "not needed: the U-Net's attention uses torch's "
     "scaled_dot_product_attention (memory-efficient kernels where available)",
@@ -305,14 +304,11 @@ class _DiffusersPush(argparse.Action):
 
 
 class _NoteFlag(argparse.Action):
-    """A diffusers flag accepted with a note: records which flag was given; ``--logging_dir logs`` (where our
-    logs go anyway) needs no note."""
+    """A diffusers flag accepted with a note: records which flag was given."""
 
     def __call__(
         self, parser: Any, namespace: argparse.Namespace, values: Any, option: str | None = None
     ) -> None:
-        if option == "--logging_dir" and values == "logs":
-            return
         namespace.diffusers_notes = [*getattr(namespace, "diffusers_notes", []), option]
 
 

@@ -1412,44 +1412,52 @@ class DDPMPipeline(DiffusionPipeline):
         Returns:
             The URL of the commit. Hub failures raise :class:`HubError` with a message that says what to do.
         """
-        from diffusers.utils.hub_utils import create_repo, upload_folder
-
         if num_sample_images < 0:
             raise ValueError(f"num_sample_images must be >= 0, got {num_sample_images}")
-        try:
-            repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        except Exception as error:
-            _raise_hub_error(error, repo_id, "creating the repository")
-            raise
+        repo_id = create_hub_repo(repo_id, private=private, token=token)
         if sample_grid is None and num_sample_images > 0:
             sample_grid = self._sample_grid(num_sample_images, sample_inference_steps, sample_seed)
         with tempfile.TemporaryDirectory(prefix="ddpm-push-") as tmp:
             folder = Path(tmp) / "pipeline"
-            self.save_pretrained(
+            self.stage_for_hub(
                 folder,
+                repo_id,
+                training_config=training_config,
                 safe_serialization=safe_serialization,
                 variant=variant,
-                training_config=None
-                if training_config is None
-                else published_training_config(training_config),
                 layout=layout,
                 sample_grid=sample_grid,
                 evaluation=evaluation,
-                repo_id=repo_id,
             )
-            try:
-                commit = upload_folder(
-                    repo_id=repo_id,
-                    folder_path=folder,
-                    token=token,
-                    commit_message=commit_message or "Upload DDPM pipeline (ddpm-components)",
-                    create_pr=create_pr,
-                    ignore_patterns=list(_BOOKKEEPING_PATTERNS),  # our save's manifest is local state
-                )
-            except Exception as error:
-                _raise_hub_error(error, repo_id, "uploading")
-                raise
-        return str(getattr(commit, "commit_url", commit))
+            return upload_staged_pipeline(
+                folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr
+            )
+
+    def stage_for_hub(
+        self,
+        folder: str | os.PathLike,
+        repo_id: str,
+        *,
+        training_config: dict | None = None,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        layout: SaveLayout = "auto",
+        sample_grid: Any = None,
+        evaluation: dict[str, str] | None = None,
+    ) -> None:
+        """Write what :meth:`push_to_hub` uploads into the new ``folder``: the :meth:`save_pretrained` layout with a
+        card for ``repo_id`` and :func:`published_training_config` of ``training_config`` (no local paths). Upload
+        it with :func:`upload_staged_pipeline` (a snapshot: later saves elsewhere cannot change it mid-upload)."""
+        self.save_pretrained(
+            folder,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            training_config=None if training_config is None else published_training_config(training_config),
+            layout=layout,
+            sample_grid=sample_grid,
+            evaluation=evaluation,
+            repo_id=repo_id,
+        )
 
     def _sample_grid(self, num_images: int, steps: int | None, seed: int) -> Any:
         """Sample ``num_images`` images and arrange them in a near-square grid (a PIL image)."""
@@ -2096,6 +2104,45 @@ def _read_remote_index(repo_id: str, download_kwargs: dict) -> dict:
         _raise_hub_error(error, repo_id, "downloading")
         raise
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def create_hub_repo(repo_id: str, private: bool | None = None, token: str | None = None) -> str:
+    """Create the model repository ``repo_id`` on the Hub if it does not exist; its full id (``namespace/name``).
+    Failures raise :class:`HubError` with a message that says what to do."""
+    from diffusers.utils.hub_utils import create_repo
+
+    try:
+        return create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    except Exception as error:
+        _raise_hub_error(error, repo_id, "creating the repository")
+        raise
+
+
+def upload_staged_pipeline(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+) -> str:
+    """Upload a folder written by :meth:`DDPMPipeline.stage_for_hub` to the existing repository ``repo_id`` as one
+    commit (the save's bookkeeping files stay local); the commit's URL. Failures raise :class:`HubError`."""
+    from diffusers.utils.hub_utils import upload_folder
+
+    try:
+        commit = upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            token=token,
+            commit_message=commit_message or "Upload DDPM pipeline (ddpm-components)",
+            create_pr=create_pr,
+            ignore_patterns=list(_BOOKKEEPING_PATTERNS),  # our save's manifest is local state
+        )
+    except Exception as error:
+        _raise_hub_error(error, repo_id, "uploading")
+        raise
+    return str(getattr(commit, "commit_url", commit))
 
 
 def _raise_hub_error(error: Exception, repo_id: str, action: str) -> None:

@@ -62,7 +62,7 @@ BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"
 LRScheduler = Literal[
     "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
 ]
-ReportTo = Literal["none", "tensorboard", "wandb"]
+ReportTo = Literal["none", "tensorboard", "wandb", "all"]
 ModelPreset = Literal["digits", "cifar10", "celebahq256", "lsun256"]
 ColorMode = Literal["grayscale", "rgb"]
 CropMode = Literal["center", "random"]
@@ -407,7 +407,20 @@ class TrainingConfig:
     logging_steps: int = field(
         default=10, metadata={"help": "log loss, learning rate and images/s every N optimizer steps"}
     )
-    report_to: ReportTo = field(default="none", metadata={"help": "experiment tracker (through accelerate)"})
+    report_to: ReportTo = field(
+        default="none",
+        metadata={
+            "help": "experiment tracker (through accelerate): tensorboard, wandb (WANDB_MODE=offline works without "
+            "an account) or all (every tracker accelerate finds installed)"
+        },
+    )
+    logging_dir: str = field(
+        default=LOGS_FOLDER,
+        metadata={
+            "help": "the trackers' folder: relative to --output-dir (as diffusers' os.path.join(output_dir, "
+            "logging_dir)), or an absolute path"
+        },
+    )
     push_to_hub: bool = field(
         default=False,
         metadata={"help": "push the trained pipeline and its model card to the Hugging Face Hub"},
@@ -416,6 +429,13 @@ class TrainingConfig:
         default=None, metadata={"help": "Hub repository id for --push-to-hub (e.g. user/ddpm-digits)"}
     )
     hub_private: bool = field(default=False, metadata={"help": "create the Hub repository as private"})
+    hub_push_every: int = field(
+        default=0,
+        metadata={
+            "help": "with --push-to-hub and --save-model-steps: also upload every K-th periodic save in the background, "
+            "without stopping training (a failed upload is a warning, retried at the next save; 0: only the final push)"
+        },
+    )
     debug_record: bool = field(
         default=False,
         metadata={
@@ -456,17 +476,34 @@ class TrainingConfig:
                 f"guidance_scale={self.guidance_scale} needs a class-conditional model, but conditioning='none'; "
                 "use guidance_scale=1.0 or conditioning 'auto' / 'class'"
             )
+        self._validate_tracking()
+        if self.resume is not None and self.overwrite:
+            raise ValueError(
+                "resume and overwrite exclude each other: --resume continues the run in output_dir, "
+                "--overwrite deletes it and starts afresh"
+            )
+
+    def _validate_tracking(self) -> None:
+        """Trackers and the Hub: wandb installed when asked for, a logging folder, periodic pushes of periodic saves."""
         if self.report_to == "wandb":
             import importlib.util
 
             if importlib.util.find_spec("wandb") is None:
                 raise ValueError("report_to='wandb' needs wandb: pip install 'ddpm-components[wandb]'")
+        if not self.logging_dir.strip():
+            raise ValueError(
+                f"logging_dir must name a folder (e.g. {LOGS_FOLDER!r}), got {self.logging_dir!r}"
+            )
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id (e.g. --hub-model-id user/ddpm-digits)")
-        if self.resume is not None and self.overwrite:
+        if self.hub_push_every < 0:
+            raise ValueError(f"hub_push_every must be zero or positive, got {self.hub_push_every}")
+        if self.hub_push_every and not self.push_to_hub:
+            raise ValueError(f"hub_push_every={self.hub_push_every} needs push_to_hub (and hub_model_id)")
+        if self.hub_push_every and not (self.save_model_steps or self.save_model_epochs):
             raise ValueError(
-                "resume and overwrite exclude each other: --resume continues the run in output_dir, "
-                "--overwrite deletes it and starts afresh"
+                f"hub_push_every={self.hub_push_every} pushes every K-th periodic save, but there is none: "
+                "set save_model_steps or save_model_epochs"
             )
 
     def _validate_counts(self) -> None:
@@ -1162,11 +1199,27 @@ class LossTerms(NamedTuple):
 
     ``loss = mse + vlb_weight · T · vb``: ``mse`` is the (min-SNR-weighted) simple loss against
     ``scheduler.get_target``, ``vb`` the mean variational-bound term L_t in bits/dim (``None`` without a
-    learned variance)."""
+    learned variance). ``by_quartile`` (optional, detached): a (2, 4) tensor, row 0 the sums of the per-sample
+    ``mse`` whose timestep t falls in each quarter of [0, T) (t/T in [0, .25), [.25, .5), ...), row 1 their counts,
+    for the loss by quartile of t that improved-diffusion logs."""
 
     loss: torch.Tensor
     mse: torch.Tensor
     vb: torch.Tensor | None
+    by_quartile: torch.Tensor | None = None
+
+
+def loss_by_quartile(
+    per_sample: torch.Tensor, timesteps: torch.Tensor, num_train_timesteps: int
+) -> torch.Tensor:
+    """(2, 4): the sums of ``per_sample`` in each quarter of the timesteps' range [0, T), and the counts (on the
+    device, no host sync)."""
+    import torch
+
+    bucket = (timesteps * 4 // num_train_timesteps).clamp(0, 3)
+    sums = torch.zeros(4, device=per_sample.device).index_add_(0, bucket, per_sample.detach().float())
+    counts = torch.bincount(bucket, minlength=4).to(sums)
+    return torch.stack([sums, counts])
 
 
 def training_loss(
@@ -1214,14 +1267,16 @@ def training_loss(
     target = scheduler.get_target(original_sample, noise, timesteps).float()
     mse = F.mse_loss(mean_output, target, reduction="none").mean(dim=tuple(range(1, mean_output.ndim)))
     weights = scheduler.loss_weights(timesteps, weighting=loss_weighting, snr_gamma=snr_gamma)
-    weighted_mse = (weights.to(mse) * mse).mean()
+    per_sample = weights.to(mse) * mse
+    weighted_mse = per_sample.mean()
+    quartiles = loss_by_quartile(per_sample, timesteps, num_train_timesteps)
     if not learned_variance:
-        return LossTerms(weighted_mse, weighted_mse, None)
+        return LossTerms(weighted_mse, weighted_mse, None, quartiles)
     frozen_mean_output = torch.cat([mean_output.detach(), variance_output], dim=1)
     vb = scheduler.vlb_terms(frozen_mean_output, original_sample.float(), sample.float(), timesteps).mean()
     if vlb_weight == 0:  # logged only; not added, so that it cannot reach the gradient (0 * inf is NaN)
-        return LossTerms(weighted_mse, weighted_mse, vb.detach())
-    return LossTerms(weighted_mse + vlb_weight * num_train_timesteps * vb, weighted_mse, vb)
+        return LossTerms(weighted_mse, weighted_mse, vb.detach(), quartiles)
+    return LossTerms(weighted_mse + vlb_weight * num_train_timesteps * vb, weighted_mse, vb, quartiles)
 
 
 class _StepSeeds:
@@ -1489,44 +1544,68 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 class _LossWindow:
-    """Sums of the loss terms (loss, mse, vb) since the last log, kept on the device: no host sync per step.
+    """Sums since the last log, kept on the device (no host sync per step): the loss terms (loss, mse, vb), the
+    gradient norm before clipping (one per optimizer step) and the mse by quartile of t (sums, then counts).
 
     The terms of one optimizer step's micro-batches are added when the step ends; with fp16, those of a step
     that the gradient scaler skipped (inf/NaN gradients at the current loss scale: the weights do not change)
     are dropped instead, as such a step is not an error.
     """
 
+    SIZE = 3 + 1 + 8  # loss, mse, vb | grad norm | 4 quartile sums, 4 quartile counts
+
     def __init__(self, device: torch.device) -> None:
         import torch
 
-        self.sums = torch.zeros(3, device=device)
-        self.pending = torch.zeros(3, device=device)
+        self.sums = torch.zeros(self.SIZE, device=device)
+        self.pending = torch.zeros(self.SIZE, device=device)
         self.zero = torch.zeros((), device=device)
         self.count = self.pending_count = 0
+        self.norms = self.pending_norms = 0  # optimizer steps whose gradient norm was added
 
     def add(self, terms: LossTerms) -> None:
         import torch
 
         vb = self.zero if terms.vb is None else terms.vb.detach()
-        self.pending += torch.stack([terms.loss.detach(), terms.mse.detach(), vb])
+        self.pending[:3] += torch.stack([terms.loss.detach(), terms.mse.detach(), vb])
+        if terms.by_quartile is not None:
+            self.pending[4:] += terms.by_quartile.flatten().to(self.pending)
         self.pending_count += 1
+
+    def add_grad_norm(self, norm: torch.Tensor | None) -> None:
+        """The total gradient norm of this optimizer step (``clip_grad_norm_``'s return; None: not available)."""
+        if norm is not None:
+            self.pending[3] += norm.detach().float().to(self.pending.device)
+            self.pending_norms += 1
 
     def end_step(self, skipped: bool = False) -> None:
         if not skipped:
             self.sums += self.pending
             self.count += self.pending_count
+            self.norms += self.pending_norms
         self.pending.zero_()
-        self.pending_count = 0
+        self.pending_count = self.pending_norms = 0
 
-    def means(self, accelerator: Any) -> list[float | None]:
-        """The mean of each term over the window and all processes (``None`` for an empty window)."""
+    def means(self, accelerator: Any) -> dict[str, float | None]:
+        """The means over the window and all processes (one reduction, one host sync): ``loss``, ``mse``, ``vb``,
+        ``grad_norm`` and ``loss_q0`` … ``loss_q3`` (``None`` for an empty window, a quartile without samples)."""
+        names = ["loss", "mse", "vb", "grad_norm"] + [f"loss_q{index}" for index in range(4)]
         if self.count == 0:
-            return [None, None, None]
-        return accelerator.reduce(self.sums / self.count, reduction="mean").tolist()
+            return dict.fromkeys(names)
+        import torch
+
+        scale = torch.ones_like(self.sums)
+        scale[:3] = 1 / self.count
+        scale[3] = 1 / max(self.norms, 1)
+        values = accelerator.reduce(self.sums * scale, reduction="mean").tolist()
+        means: list[float | None] = values[:4] if self.norms else [*values[:3], None]
+        for total, count in zip(values[4:8], values[8:12]):
+            means.append(total / count if count > 0 else None)
+        return dict(zip(names, means))
 
     def reset(self) -> None:
         self.sums.zero_()
-        self.count = 0
+        self.count = self.norms = 0
 
 
 def _distributed_without_accelerator() -> bool:
@@ -1554,13 +1633,120 @@ def _build_accelerator(config: TrainingConfig, output_dir: Path) -> Any:
         ),
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / LOGS_FOLDER)
+            project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         step_scheduler_with_optimizer=False,
         dynamo_backend="inductor" if config.torch_compile else "no",
         cpu=_distributed_without_accelerator(),
     )
+
+
+def log_image_to_trackers(accelerator: Any, name: str, image: Any, step: int) -> None:
+    """Log the PIL ``image`` (a sample grid) under ``name`` at ``step`` to every active tracker that takes images:
+    TensorBoard (``add_image``, HWC uint8), wandb (accelerate's ``log_images``: a ``wandb.Image``) and any other
+    with a ``log_images`` method; a tracker that fails to take it only warns."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        try:
+            if getattr(tracker, "name", None) == "tensorboard":
+                pixels = np.asarray(image.convert("RGB"))
+                tracker.writer.add_image(name, pixels, global_step=step, dataformats="HWC")
+                tracker.writer.flush()
+            elif hasattr(tracker, "log_images"):
+                tracker.log_images({name: [image]}, step=step)
+        except Exception as error:  # an image is a convenience: never a reason to stop training
+            logger.warning("could not log %s to %s: %s", name, getattr(tracker, "name", tracker), error)
+
+
+class _BackgroundPush:
+    """``--hub-push-every K``: uploads of periodic saves to the Hub in a daemon thread, at most one in flight.
+
+    :meth:`offer` is called after every periodic save: on every K-th save, and on the first save after a failed
+    upload (the retry), the pipeline is staged in the calling thread (:meth:`DDPMPipeline.stage_for_hub` into a
+    temporary folder: a snapshot that later saves cannot change) and uploaded in the background. While an upload
+    is still running, the save is skipped (the next K-th save pushes newer weights). A failed upload is one
+    warning line. :meth:`wait` lets the final, synchronous push follow the last background one; :meth:`close`
+    joins the thread for at most ``close_timeout`` seconds and otherwise abandons it: the daemon thread dies with
+    the process, and a cut upload never lands half (a Hub commit is atomic), so the repository keeps its last
+    complete push.
+    """
+
+    def __init__(self, config: TrainingConfig, upload: Callable[..., Any] | None = None) -> None:
+        from .pipeline_ddpm import create_hub_repo, upload_staged_pipeline  # imported here, not in the thread
+
+        self.config, self.every = config, config.hub_push_every
+        self.create_repo, self.upload = create_hub_repo, upload or upload_staged_pipeline
+        self.saves, self.retry, self.close_timeout = 0, False, 10.0
+        self.thread: threading.Thread | None = None
+        self.pushed: list[int] = []  # steps whose upload landed, in order
+        self.failed: list[int] = []
+        self.skipped: list[int] = []
+
+    def busy(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def offer(self, pipeline: Any, step: int, training_config: dict[str, Any]) -> bool:
+        """After a periodic save of ``pipeline`` at ``step``: start its upload when due; True if started."""
+        self.saves += 1
+        if not (self.retry or self.saves % self.every == 0):
+            return False
+        if self.busy():
+            self.skipped.append(step)
+            return False
+        import tempfile
+
+        staging = Path(tempfile.mkdtemp(prefix="ddpm-push-"))
+        try:
+            pipeline.stage_for_hub(
+                staging / "pipeline", self.config.hub_model_id, training_config=training_config
+            )
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.thread = threading.Thread(
+            target=self._push, args=(staging, step), name=f"hub-push-{step}", daemon=True
+        )
+        self.thread.start()
+        return True
+
+    def _push(self, staging: Path, step: int) -> None:
+        try:
+            repo_id = self.create_repo(self.config.hub_model_id, private=self.config.hub_private)
+            message = f"Upload DDPM pipeline at step {step} (ddpm-components)"
+            self.upload(staging / "pipeline", repo_id, commit_message=message)
+            self.pushed.append(step)
+            self.retry = False
+        except Exception as error:
+            self.failed.append(step)
+            self.retry = True
+            first_line = (str(error) or type(error).__name__).strip().splitlines()[0]
+            logger.warning(
+                "the background push of step %d to %s failed (retried at the next save): %s",
+                step,
+                self.config.hub_model_id,
+                first_line,
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def wait(self, stop: _StopSignals | None = None) -> None:
+        """Until the upload in flight ends; a stop signal (``stop``) interrupts the wait, not the upload."""
+        while self.busy():
+            if stop is not None:
+                stop.raise_if_requested()
+            self.thread.join(timeout=0.2)
+
+    def close(self) -> None:
+        if self.busy():
+            self.thread.join(timeout=self.close_timeout)
+        if self.busy():
+            logger.warning(
+                "a background push to %s was still running and was abandoned (the repository keeps its last "
+                "complete push)",
+                self.config.hub_model_id,
+            )
 
 
 def _learning_rate_schedule(config: TrainingConfig, optimizer: Any, start_step: int) -> Any:
@@ -1676,6 +1862,7 @@ class _TrainLoop:
         self.wrote = False  # start() ran: the output folder holds this run
         self.phase = "training"
         self.last_loss = math.nan
+        self.pusher: _BackgroundPush | None = None  # --hub-push-every: uploads of periodic saves
 
     # ------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -1919,6 +2106,8 @@ class _TrainLoop:
         accelerator.wait_for_everyone()
         if config.report_to != "none":
             accelerator.init_trackers(_TRACKER_PROJECT, config=config.to_dict())
+        if config.push_to_hub and config.hub_push_every and self.is_main:
+            self.pusher = _BackgroundPush(config)
 
     # -------------------------------------------------------------------------------------- run
     def run(self) -> None:
@@ -1982,6 +2171,8 @@ class _TrainLoop:
 
     def run_step(self, micro_step: int, batch: dict[str, torch.Tensor]) -> bool:
         """Forward, backward and (when the accumulation is complete) an optimizer step; True after the latter."""
+        import torch
+
         config, accelerator = self.config, self.accelerator
         if config.debug_record:
             self._record_indices(micro_step, batch)
@@ -1989,8 +2180,11 @@ class _TrainLoop:
         with accelerator.accumulate(self.model):
             terms = self.loss(micro_step, batch, class_labels)
             accelerator.backward(terms.loss)
-            if accelerator.sync_gradients and config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+            if (
+                accelerator.sync_gradients
+            ):  # the norm before clipping, logged (max_grad_norm 0: measured only)
+                norm = accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm or math.inf)
+                self.window.add_grad_norm(norm if isinstance(norm, torch.Tensor) else None)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.window.add(terms)
@@ -2024,11 +2218,16 @@ class _TrainLoop:
         """Mean loss terms of the window, learning rate and speed: to metrics.jsonl, the trackers and the bar;
         a non-finite loss stops the run (checked here, where the loss is read anyway)."""
         config, accelerator = self.config, self.accelerator
-        loss, mse, vb = self.window.means(accelerator)  # the one host sync per logging step
-        now = time.perf_counter()
-        record = {"step": step, "loss": loss, "mse": mse}
+        means = self.window.means(accelerator)  # the one host sync per logging step
+        loss, now = means["loss"], time.perf_counter()
+        record = {"step": step, "loss": loss, "mse": means["mse"]}
         if config.learned_variance:
-            record["vb"] = vb
+            record["vb"] = means["vb"]
+        if means["grad_norm"] is not None:
+            record["grad_norm"] = means["grad_norm"]
+        quartiles = {name: value for name, value in means.items() if name.startswith("loss_q")}
+        if any(value is not None for value in quartiles.values()):
+            record.update(quartiles)
         record.update(
             lr=self.lr_scheduler.get_last_lr()[0],
             images_per_second=(step - self.window_step)
@@ -2111,6 +2310,7 @@ class _TrainLoop:
             )
             self.stop.raise_if_requested()  # an unfinished grid is not written
             save_png(grid, self.output_dir / SAMPLES_FOLDER / f"step-{step:07d}.png")
+            log_image_to_trackers(self.accelerator, "samples", grid, step)
         self.accelerator.wait_for_everyone()
 
     def save_model(self, step: int) -> None:
@@ -2123,12 +2323,11 @@ class _TrainLoop:
             pipeline = DDPMPipeline(
                 unet=_ema_unet(self.accelerator, self.model, self.ema), scheduler=self.scheduler
             )
-            pipeline.save_pretrained(
-                str(self.output_dir),
-                training_config=shareable_config(self.config, self.run_id),
-                overwrite=True,
-            )
-            self.bar.write(f"step {step}: saved the EMA pipeline to {self.output_dir}")
+            shared = shareable_config(self.config, self.run_id)
+            pipeline.save_pretrained(str(self.output_dir), training_config=shared, overwrite=True)
+            pushing = self.pusher is not None and self.pusher.offer(pipeline, step, shared)
+            pushed = f"; pushing it to {self.config.hub_model_id} in the background" if pushing else ""
+            self.bar.write(f"step {step}: saved the EMA pipeline to {self.output_dir}{pushed}")
             self.phase = "training"
         self.accelerator.wait_for_everyone()
 
@@ -2186,8 +2385,6 @@ class _TrainLoop:
             self.phase = "the final evaluation"
             evaluation = self.evaluate(step, final_unet)
         if self.is_main:
-            for tracker in accelerator.trackers:  # flush and close the logs before the save
-                tracker.finish()
             self.stop.raise_if_requested()
             self.phase = "the final sample grid"
             accelerator.print(f"sampling the final grid ({config.num_inference_steps} denoising steps)")
@@ -2204,6 +2401,10 @@ class _TrainLoop:
                 logger.warning("the final sample grid was not saved: %s", error)
                 grid = None
             self.stop.raise_if_requested()
+            if grid is not None:
+                log_image_to_trackers(accelerator, "samples", grid, step)
+            for tracker in accelerator.trackers:  # flush and close the logs before the save
+                tracker.finish()
             self.phase = "the save"
             pipeline = DDPMPipeline(unet=final_unet, scheduler=self.scheduler)
             shared = shareable_config(config, self.run_id)
@@ -2220,6 +2421,8 @@ class _TrainLoop:
             if config.push_to_hub:
                 self.phase = "the push"
                 self.stop.raise_if_requested()
+                if self.pusher is not None:  # the final push lands last
+                    self.pusher.wait(self.stop)
                 url = pipeline.push_to_hub(
                     config.hub_model_id,
                     private=config.hub_private,
@@ -2244,6 +2447,8 @@ class _TrainLoop:
 
         if self.bar is not None:
             self.bar.close()
+        if self.pusher is not None:
+            self.pusher.close()
         if self.accelerator is not None:
             self.accelerator.end_training()
             if self.accelerator.num_processes == 1:

@@ -50,6 +50,7 @@ class Repo:
     files: dict[str, bytes] = field(default_factory=dict)
     sha: str = "0" * 40
     commits: int = 0
+    messages: list[str] = field(default_factory=list)  # commit messages, oldest first
 
     def commit(self, additions: dict[str, bytes], deletions: list[str], message: str) -> str:
         for path in deletions:
@@ -59,6 +60,7 @@ class Repo:
                 del self.files[name]
         self.files.update(additions)
         self.commits += 1
+        self.messages.append(message)
         self.sha = hashlib.sha1(f"{self.repo_id}:{self.commits}:{message}".encode()).hexdigest()
         return self.sha
 
@@ -70,6 +72,7 @@ class HubState:
         self.lock = threading.Lock()
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []
+        self.fail_commits = 0  # answer the next N commit requests with 500 (to test failed uploads)
 
 
 _REPO = r"(?P<repo>[^/]+/[^/]+)"
@@ -203,6 +206,10 @@ def _make_handler(state: HubState) -> type[BaseHTTPRequestHandler]:
             if self._token_error() or (stored := self._repo(repo)) is None:
                 return
             if not self._check_revision(rev, stored):
+                return
+            if state.fail_commits > 0:
+                state.fail_commits -= 1
+                self._error(500, "Internal Error (injected by the test)")
                 return
             additions: dict[str, bytes] = {}
             deletions: list[str] = []

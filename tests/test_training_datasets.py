@@ -67,6 +67,7 @@ def test_every_diffusers_flag_parses_to_its_meaning():
         "hub_model_id": "me/model",
         "hub_private": True,
         "report_to": "wandb",
+        "logging_dir": "elsewhere",
         "mixed_precision": "bf16",
         "prediction_type": "sample",
         "num_train_timesteps": 400,
@@ -91,7 +92,7 @@ def test_defaults_stay_ours_and_diffusers_spellings_are_aliases():
     )
     for name in ("use_ema", "crop", "resolution", "checkpoints_total_limit", "report_to", "learning_rate"):
         assert getattr(ours, name) == getattr(diffusers_style, name) == getattr(TrainingConfig(), name)
-    assert diffusers_style.diffusers_notes == []  # --logging_dir logs is where our logs go anyway
+    assert diffusers_style.diffusers_notes == [] and diffusers_style.logging_dir == "logs"
 
 
 def _unet_config(tmp_path: Path) -> Path:
@@ -199,7 +200,10 @@ def test_train_streaming_for_max_train_steps(tmp_path):
             ["--model_config_name_or_path", "./nothing"],
             "is neither a JSON file nor a folder holding config.json",
         ),
-        (["--logger", "comet"], "report_to must be one of 'none', 'tensorboard', 'wandb', got 'comet'"),
+        (
+            ["--logger", "comet"],
+            "report_to must be one of 'none', 'tensorboard', 'wandb', 'all', got 'comet'",
+        ),
         (
             ["--dataset_name", "DATA", "--dataset-streaming", "--train_batch_size", "7"],
             "the streamed dataset has fewer than one batch per process (7 x 1)",
