@@ -1668,9 +1668,9 @@ class _BackgroundPush:
     temporary folder: a snapshot that later saves cannot change) and uploaded in the background. While an upload
     is still running, the save is skipped (the next K-th save pushes newer weights). A failed upload is one
     warning line. :meth:`wait` lets the final, synchronous push follow the last background one; :meth:`close`
-    joins the thread for at most ``close_timeout`` seconds and otherwise abandons it: the daemon thread dies with
-    the process, and a cut upload never lands half (a Hub commit is atomic), so the repository keeps its last
-    complete push.
+    joins the thread for a few seconds and otherwise abandons it: the daemon thread dies with the process (its
+    staging folder then stays in the temporary directory), and a cut upload never lands half (a Hub commit is
+    atomic), so the repository keeps its last complete push. In a notebook the abandoned upload simply goes on.
     """
 
     def __init__(self, config: TrainingConfig, upload: Callable[..., Any] | None = None) -> None:
@@ -1678,7 +1678,7 @@ class _BackgroundPush:
 
         self.config, self.every = config, config.hub_push_every
         self.create_repo, self.upload = create_hub_repo, upload or upload_staged_pipeline
-        self.saves, self.retry, self.close_timeout = 0, False, 10.0
+        self.saves, self.retry = 0, False
         self.thread: threading.Thread | None = None
         self.pushed: list[int] = []  # steps whose upload landed, in order
         self.failed: list[int] = []
@@ -1738,9 +1738,10 @@ class _BackgroundPush:
                 stop.raise_if_requested()
             self.thread.join(timeout=0.2)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Join the upload in flight for at most ``timeout`` seconds, then abandon it (see the class)."""
         if self.busy():
-            self.thread.join(timeout=self.close_timeout)
+            self.thread.join(timeout=timeout)
         if self.busy():
             logger.warning(
                 "a background push to %s was still running and was abandoned (the repository keeps its last "
@@ -2447,8 +2448,8 @@ class _TrainLoop:
 
         if self.bar is not None:
             self.bar.close()
-        if self.pusher is not None:
-            self.pusher.close()
+        if self.pusher is not None:  # after a stop signal, do not keep the user waiting for an upload
+            self.pusher.close(timeout=1.0 if self.stop.requested() else 10.0)
         if self.accelerator is not None:
             self.accelerator.end_training()
             if self.accelerator.num_processes == 1:

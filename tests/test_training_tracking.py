@@ -47,6 +47,10 @@ def test_tensorboard_scalars_images_and_metrics(tmp_path):
         report_to="tensorboard",
         logging_dir="tb",
         max_grad_norm=0.0,
+        evaluate=True,
+        eval_num_samples=4,
+        eval_inference_steps=2,
+        eval_bpd_timesteps=2,
     )
     train(config)
     records = [record for record in _metrics(out) if "loss" in record]
@@ -61,7 +65,18 @@ def test_tensorboard_scalars_images_and_metrics(tmp_path):
     accumulator = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
     accumulator.Reload()
     scalars = set(accumulator.Tags()["scalars"])
-    assert {"loss", "mse", "lr", "images_per_second", "grad_norm", "loss_q0", "loss_q3"} <= scalars, scalars
+    expected = {
+        "loss",
+        "mse",
+        "lr",
+        "images_per_second",
+        "grad_norm",
+        "loss_q0",
+        "loss_q3",
+        "eval_bpd",
+        "eval_fd",
+    }
+    assert expected <= scalars, scalars
     assert [event.step for event in accumulator.Scalars("grad_norm")] == [1, 2, 3, 4]
     images = accumulator.Images("samples")
     assert [event.step for event in images] == [2, 4]  # the periodic grid, then the final one
@@ -171,11 +186,10 @@ def test_background_push_in_flight_is_skipped_and_close_does_not_hang():
     release = threading.Event()
     pusher = _BackgroundPush(config, upload=lambda folder, repo_id, commit_message: release.wait(30))
     pusher.create_repo = lambda repo_id, private: repo_id
-    pusher.close_timeout = 0.2
     assert pusher.offer(_FakePipeline(), 1, {})
     assert not pusher.offer(_FakePipeline(), 2, {}) and pusher.skipped == [2]  # one upload in flight at most
     started = time.perf_counter()
-    pusher.close()  # a stuck upload: abandoned after the timeout (a daemon thread)
+    pusher.close(timeout=0.2)  # a stuck upload: abandoned after the timeout (a daemon thread)
     assert time.perf_counter() - started < 5 and pusher.thread.daemon
     release.set()
     pusher.wait()
