@@ -2516,7 +2516,7 @@ def shareable_config(config: TrainingConfig, run_id: str | None = None) -> dict[
     """The training configuration as saved with the model and pushed to the Hub: local paths are reduced to
     their last component (the Hub need not learn the user's folder layout), plus the run id."""
     values = config.to_dict()
-    for name in ("output_dir", "train_data_dir", "resume", "cache_dir"):
+    for name in ("output_dir", "train_data_dir", "resume", "cache_dir", "logging_dir"):
         if values[name] is not None and values[name] != "latest":
             values[name] = Path(values[name]).name
     for name in ("dataset_name", "model_config_name_or_path"):  # a Hub id stays whole, a local path does not

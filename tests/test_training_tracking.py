@@ -16,7 +16,13 @@ import torch
 from conftest import TINY_TRAINING
 
 from ddpm_components.cli import main
-from ddpm_components.training import TrainingConfig, _BackgroundPush, loss_by_quartile, train
+from ddpm_components.training import (
+    TrainingConfig,
+    _BackgroundPush,
+    loss_by_quartile,
+    shareable_config,
+    train,
+)
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -134,6 +140,11 @@ def test_wandb_offline_and_report_to_all(tmp_path, monkeypatch, capsys):
 def test_tracking_and_push_options_are_checked(options, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         TrainingConfig(**options)
+
+
+def test_an_absolute_logging_dir_is_not_published(tmp_path):
+    config = TrainingConfig(logging_dir=str(tmp_path / "tensorboard-logs"))
+    assert shareable_config(config)["logging_dir"] == "tensorboard-logs"
 
 
 def test_cli_bad_report_to_exits_2(tmp_path, capsys):
