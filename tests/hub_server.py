@@ -73,6 +73,7 @@ class HubState:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []
         self.fail_commits = 0  # answer the next N commit requests with 500 (to test failed uploads)
+        self.hold_commits: threading.Event | None = None  # commits wait until it is set (uploads in flight)
 
 
 _REPO = r"(?P<repo>[^/]+/[^/]+)"
@@ -157,6 +158,8 @@ def _make_handler(state: HubState) -> type[BaseHTTPRequestHandler]:
                 match = pattern.match(path)
                 if method == self.command and match:
                     body = self._body() if self.command == "POST" else b""
+                    if name == "commit" and state.hold_commits is not None:
+                        state.hold_commits.wait(120)
                     with state.lock:
                         getattr(self, f"_route_{name}")(body=body, **match.groupdict())
                     return

@@ -235,3 +235,35 @@ def test_hub_push_every_through_the_loopback_hub(tmp_path, hub_server):
     assert repo.messages[-1] == "Upload DDPM pipeline (ddpm-components)"  # the final push, last
     assert json.loads(repo.files["training_config.json"])["max_train_steps"] == 8
     assert "model_index.json" in repo.files and os.path.isfile(out / "model_index.json")
+
+
+def test_sigterm_with_an_upload_in_flight_does_not_hang(tmp_path, hub_server):
+    """SIGTERM while a background upload hangs (the Hub holds the commit): the run stops at once with 143; the
+    upload is abandoned (the repository holds no half commit)."""
+    import signal
+
+    hub_server.state.hold_commits = threading.Event()
+    command = [sys.executable, "-m", "ddpm_components", "train", "--output-dir", str(tmp_path / "out")]
+    command += ["--block-out-channels", "8,16", "--layers-per-block", "1", "--train-batch-size", "8"]
+    command += ["--num-train-timesteps", "20", "--num-inference-steps", "2", "--samples-per-class", "1"]
+    command += ["--no-evaluate", "--max-train-steps", "100000", "--save-model-steps", "2"]
+    command += ["--push-to-hub", "--hub-model-id", "user/held", "--hub-push-every", "1"]
+    env = {**hub_server.env, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(Path(__file__).parents[1])}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stdout:
+            if "in the background" in line:
+                break
+        time.sleep(1.0)  # the upload reaches the held commit
+        started = time.perf_counter()
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+        stopped_in = time.perf_counter() - started
+    finally:
+        hub_server.state.hold_commits.set()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, err[-3000:]
+    assert stopped_in < 15, stopped_in
+    assert "interrupted by SIGTERM" in err and "abandoned" in err, err[-3000:]
+    assert hub_server.state.repos["user/held"].messages == []
