@@ -485,11 +485,20 @@ class TrainingConfig:
 
     def _validate_tracking(self) -> None:
         """Trackers and the Hub: wandb installed when asked for, a logging folder, periodic pushes of periodic saves."""
-        if self.report_to == "wandb":
-            import importlib.util
+        import importlib.util
 
-            if importlib.util.find_spec("wandb") is None:
-                raise ValueError("report_to='wandb' needs wandb: pip install 'ddpm-components[wandb]'")
+        installed = {
+            "tensorboard": any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")),
+            "wandb": importlib.util.find_spec("wandb") is not None,
+        }
+        if self.report_to in installed and not installed[self.report_to]:
+            raise ValueError(
+                f"report_to={self.report_to!r} needs {self.report_to}: pip install 'ddpm-components[{self.report_to}]'"
+            )
+        if self.report_to == "all" and not any(installed.values()):
+            raise ValueError(
+                "report_to='all' found no tracker installed: pip install 'ddpm-components[tensorboard]' (or [wandb])"
+            )
         if not self.logging_dir.strip():
             raise ValueError(
                 f"logging_dir must name a folder (e.g. {LOGS_FOLDER!r}), got {self.logging_dir!r}"

@@ -267,3 +267,18 @@ def test_sigterm_with_an_upload_in_flight_does_not_hang(tmp_path, hub_server):
     assert stopped_in < 15, stopped_in
     assert "interrupted by SIGTERM" in err and "abandoned" in err, err[-3000:]
     assert hub_server.state.repos["user/held"].messages == []
+
+
+def test_a_tracker_that_is_not_installed_is_refused(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    hidden = {"tensorboard", "tensorboardX", "wandb"}
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in hidden else find_spec(name, *a)
+    )
+    with pytest.raises(ValueError, match=r"report_to='tensorboard' needs tensorboard: pip install"):
+        TrainingConfig(report_to="tensorboard")
+    with pytest.raises(ValueError, match="report_to='all' found no tracker installed"):
+        TrainingConfig(report_to="all")
+    TrainingConfig(report_to="none")
