@@ -219,15 +219,17 @@ def _launch_two(script: Path, output_dir: Path, *flags: str, delay: float) -> su
 @pytest.mark.slow  # two 2-process runs, with a 6 s delay each: about 35 s
 def test_process_group_timeout_reaches_gloo_and_a_slow_main_rank_completes(tmp_path):
     """The main rank 6 s late at the final grid (the other rank waits for it in the grid's gather): with
-    --process-group-timeout 2 the other rank's gather times out, so the option reaches torch.distributed (gloo);
-    with 60 the run completes, with the grid that one process draws from the saved model."""
+    --process-group-timeout 2 the other rank's gather times out and the run fails, so the option reaches
+    torch.distributed (gloo); the same run with 60 completes."""
     script = tmp_path / "slow_main_rank.py"
     script.write_text(_SLOW_MAIN_RANK)
     grid_flags = ["--samples-per-class", "3", "--num-inference-steps", "4"]
 
     short = _launch_two(script, tmp_path / "short", *grid_flags, "--process-group-timeout", "2", delay=6)
     assert short.returncode != 0, short.stdout[-2000:] + short.stderr[-2000:]
-    assert "timed out" in (short.stdout + short.stderr).lower(), short.stderr[-3000:]
+    # rank 1 times out in the grid's gather and closes its connections; whichever rank reports first ends the run
+    output = (short.stdout + short.stderr).lower()
+    assert "timed out" in output or "connection closed by peer" in output, short.stderr[-3000:]
     assert not (tmp_path / "short" / "model_index.json").exists()
 
     output_dir = tmp_path / "generous"
