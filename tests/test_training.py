@@ -115,6 +115,17 @@ def test_process_group_timeout_reaches_accelerate(tmp_path):
         AcceleratorState._reset_state()
 
 
+def test_a_collective_timeout_is_reported_with_the_option_that_raises_it():
+    from ddpm_components.cli import describe_error
+
+    error = RuntimeError(
+        "[gloo/unbound_buffer.cc:129] Timed out waiting 2000ms for send operation to complete"
+    )
+    code, message = describe_error(error)
+    assert code == 1 and "Timed out waiting 2000ms" in message and "raise --process-group-timeout" in message
+    assert "bug" not in message
+
+
 def test_cli_reports_invalid_option_with_exit_code_2(capsys):
     assert main(["train", "--lr-scheduler", "sometimes"]) == 2
     error = capsys.readouterr().err
