@@ -1234,6 +1234,12 @@ def describe_error(error: Exception) -> tuple[int, str]:
             return EXIT_FAILURE, f"{error.strerror}: {str(error.filename)!r}"
         return EXIT_FAILURE, _one_line(str(error)) or type(error).__name__
     message = (str(error).strip().splitlines() or [""])[0]
+    if isinstance(error, RuntimeError) and "timed out" in message.lower():
+        # a collective of a multi-process run (gloo's message; NCCL's watchdog aborts the process instead)
+        return EXIT_FAILURE, (
+            f"{message}: another process did not reach the same point in time (it failed, or it is still working: "
+            "then raise --process-group-timeout)"
+        )
     return EXIT_FAILURE, (
         f"unexpected {type(error).__name__}: {message} (probably a bug in ddpm-components: run again with "
         f"{DEBUG_ENVIRONMENT_VARIABLE}=1 for the traceback and report it)"

@@ -146,13 +146,34 @@ class DigitsDataset(Dataset):
 
 
 def _is_readable_image(path: Path) -> str | None:
-    """``None`` if Pillow can decode ``path`` fully, else the reason it cannot."""
+    """``None`` if ``path`` looks like a whole image, else the reason it does not; cheap: no pixels are decoded
+    where the format allows a check without.
+
+    Every file's header is parsed (format, size, mode). A PNG's chunks are then read and their checksums
+    verified (``Image.verify``: a truncated or damaged file fails, nothing is inflated); a JPEG must end with its
+    end-of-image marker (a file cut short does not). Other formats, and a JPEG without the marker at its end
+    (trailing bytes), are decoded fully. What this misses (damage inside a JPEG's entropy-coded data) is reported
+    when the image is read during training, and the next image is used."""
     try:
         with Image.open(path) as image:
+            if image.format == "PNG":
+                image.verify()
+                return None
+            if image.format == "JPEG" and _ends_with(path, b"\xff\xd9"):
+                return None
             image.load()
     except Exception as error:  # Pillow raises many types for corrupt files
         return f"{type(error).__name__}: {error}"
     return None
+
+
+def _ends_with(path: Path, marker: bytes) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() < len(marker):
+            return False
+        handle.seek(-len(marker), os.SEEK_END)
+        return handle.read() == marker
 
 
 def read_image_file(path: str | os.PathLike, what: str = "image") -> Image.Image:
@@ -275,9 +296,11 @@ class ImageFolderDataset(Dataset):
     folders and files are followed, each real folder is read once, and a link loop is reported (a warning)
     and not followed. With ``use_labels=True`` the name of each file's first-level sub-folder is its class:
     ``class_names`` are the sorted folder names and a label is a position in it (files directly in ``root``
-    make the dataset unlabelled). Every file is decoded once when the dataset is built: unreadable or corrupt
-    files are reported by name (a warning per file) and skipped, so nothing fails mid-epoch; a folder with no
-    readable image raises ``ValueError`` right away.
+    make the dataset unlabelled). Every file is checked once when the dataset is built, cheaply (its header; a
+    PNG's chunk checksums, a JPEG's end marker; other formats are decoded): unreadable, truncated or corrupt files
+    are reported by name (a warning per file) and skipped before training; a folder with no readable image raises
+    ``ValueError`` right away. Pixels are decoded lazily, when an item is read (a file that fails then is reported
+    and the next one is used).
 
     Images are decoded through the one image path of ddpm-components,
     :func:`~ddpm_components.pipeline_ddpm.standardize_pil_image` (EXIF orientation applied, 16-bit greyscale
@@ -292,7 +315,7 @@ class ImageFolderDataset(Dataset):
         crop: ``"center"`` or ``"random"``.
         random_flip: flip horizontally with probability 1/2.
         use_labels: take class labels from first-level sub-folder names.
-        check_files: decode every file once at build time to skip corrupt ones (recommended).
+        check_files: check every file once at build time (cheaply, see above) to skip broken ones (recommended).
     """
 
     def __init__(
@@ -370,8 +393,8 @@ class ImageFolderDataset(Dataset):
 
     def load_image(self, index: int) -> torch.Tensor:
         """Decode, resize, crop and flip image ``index``; ``(C, R, R)`` float in [-1, 1]."""
-        with Image.open(self.paths[index]) as image:
-            return image_to_tensor(image, self.resolution, self.color_mode, self.crop, self.random_flip)
+        image = read_image_file(self.paths[index], "training image")
+        return image_to_tensor(image, self.resolution, self.color_mode, self.crop, self.random_flip)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         # Files were checked at build time; if one changed on disk since, report it and use the next one.

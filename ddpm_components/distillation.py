@@ -542,6 +542,7 @@ class _DistillLoop(_TrainLoop):
     start) of the next; the optimizer state, the EMA and the learning-rate schedule restart with each round."""
 
     progress_name = "distill"
+    shared_evaluation = False  # the evaluation below samples on the main process only
 
     def __init__(
         self, config: TrainingConfig, options: DistillationConfig, teacher: Teacher, stop: Any

@@ -529,8 +529,12 @@ def frechet_distance(generated: torch.Tensor, reference: torch.Tensor) -> float:
     """torchmetrics' Fréchet distance between two feature sets (N, D): ‖μ₁-μ₂‖² + Tr(Σ₁+Σ₂-2(Σ₁Σ₂)^½)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
+    # sync_on_compute=False: the features given are all there is (in a multi-process training run only the main
+    # process computes the metric; torchmetrics' default would wait for the other processes in a gather)
     metric = FrechetInceptionDistance(
-        feature=_GivenFeatures(reference.shape[1]), input_img_size=(reference.shape[1],)
+        feature=_GivenFeatures(reference.shape[1]),
+        input_img_size=(reference.shape[1],),
+        sync_on_compute=False,
     )
     metric.update(reference, real=True)
     metric.update(generated, real=False)
@@ -548,7 +552,9 @@ def kernel_distance(
     subset_size = subset_size or min(generated.shape[0], reference.shape[0], 1000)
     with warnings.catch_warnings():  # torchmetrics warns that KID keeps every feature: a few thousand here
         warnings.simplefilter("ignore", UserWarning)
-        metric = KernelInceptionDistance(feature=_GivenFeatures(reference.shape[1]), subset_size=subset_size)
+        metric = KernelInceptionDistance(
+            feature=_GivenFeatures(reference.shape[1]), subset_size=subset_size, sync_on_compute=False
+        )
     metric.update(reference.float(), real=True)
     metric.update(generated.float(), real=False)
     mean, std = metric.compute()

@@ -311,6 +311,14 @@ class TrainingConfig:
             "choice)"
         },
     )
+    process_group_timeout: int = field(
+        default=7200,
+        metadata={
+            "help": "seconds a process waits for the others at a collective (a barrier, a gather) before the run "
+            "fails: torch.distributed's process-group timeout, set through accelerate's InitProcessGroupKwargs "
+            "(default 7200, as diffusers' training scripts; torch's own is 600 for NCCL)"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "random seed (weights, data order, noise, timesteps)"})
 
     # ---- checkpoints, samples, logs
@@ -523,7 +531,7 @@ class TrainingConfig:
             "num_train_timesteps",
         ]
         positive += ["num_inference_steps", "samples_per_class", "num_samples", "logging_steps"]
-        positive += ["eval_num_samples"]
+        positive += ["eval_num_samples", "process_group_timeout"]
         positive += [
             name for name in ("eval_inference_steps", "eval_bpd_timesteps") if getattr(self, name) is not None
         ]
@@ -1321,6 +1329,57 @@ class _Progress:
 
 
 # ------------------------------------------------------------------------------------------- sampling
+def _share(indices: list[int], accelerator: Any) -> list[int]:
+    """This process's share of ``indices``: a contiguous, near-equal part (all of them in a single process)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return indices
+    count, world, rank = len(indices), accelerator.num_processes, accelerator.process_index
+    return indices[rank * count // world : (rank + 1) * count // world]
+
+
+def sample_shared(
+    pipeline: Any,
+    indices: list[int],
+    accelerator: Any = None,
+    stop: Callable[[], bool] | None = None,
+    **options: Any,
+) -> torch.Tensor:
+    """uint8 ``(N, C, H, W)`` samples of images ``indices``, drawn by all processes in parallel (each its share,
+    :func:`_share`) and gathered on every process.
+
+    Image ``i`` is seeded :func:`~ddpm_components.sampling.image_seed` ``(seed, i)`` (``options`` go to
+    :func:`~ddpm_components.sampling.sample_batches`), so the result is the same whatever the number of processes.
+    A ``FloatingPointError`` on any process is raised on every process, after the gather (no process is left
+    waiting in it)."""
+    import torch
+
+    from .sampling import sample_batches
+
+    share = _share(indices, accelerator)
+    parts, error = [], None
+    try:
+        for _, images in sample_batches(
+            pipeline,
+            share,
+            batch_size=max(1, min(len(share), 250)),
+            show_progress=False,
+            callback_on_step_end=None if stop is None else _stop_sampling_when(stop),
+            **options,
+        ):
+            parts.append(images)
+    except FloatingPointError as caught:
+        error = str(caught)
+    shards = [(torch.cat(parts) if parts else None, error)]
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        shards = gather_object(shards)
+    errors = [error for _, error in shards if error is not None]
+    if errors:
+        raise FloatingPointError(errors[0])
+    return torch.cat([images for images, _ in shards if images is not None])
+
+
 def sample_grid(
     unet: Any,
     scheduler: Any,
@@ -1328,38 +1387,38 @@ def sample_grid(
     num_classes: int | None,
     device: torch.device,
     stop: Callable[[], bool] | None = None,
+    accelerator: Any = None,
 ) -> Any:
     """A PIL grid of samples from ``unet`` via :class:`DDPMPipeline` (one row per class when conditional).
 
-    Images smaller than 32 pixels are enlarged and framed for viewing (:func:`_for_viewing`). ``stop`` is asked
-    after every denoising step; when it returns True, sampling ends there (the grid is then unfinished).
+    Image ``i`` of the grid is seeded :func:`~ddpm_components.sampling.image_seed` ``(config.seed, i)``; with an
+    ``accelerator`` of several processes, every process samples its share and every process gets the grid
+    (:func:`sample_shared`): the same grid whatever the number of processes. Images smaller than 32 pixels are
+    enlarged and framed for viewing (:func:`_for_viewing`). ``stop`` is asked after every denoising step; when it
+    returns True, sampling ends there (the grid is then unfinished).
     """
-    import torch
     from diffusers.utils import make_image_grid
 
     from .pipeline_ddpm import DDPMPipeline
+    from .sampling import _to_pil
 
     pipeline = DDPMPipeline(unet=unet, scheduler=scheduler)
-    pipeline.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device="cpu").manual_seed(config.seed)
     if num_classes is not None:
         rows, cols = num_classes, config.samples_per_class
-        class_labels = torch.arange(num_classes).repeat_interleave(cols).tolist()
-        kwargs: dict[str, Any] = {"class_labels": class_labels, "guidance_scale": config.guidance_scale}
     else:
         cols = math.ceil(math.sqrt(config.num_samples))
         rows = math.ceil(config.num_samples / cols)
-        kwargs = {}
-    with torch.no_grad():
-        images = pipeline(
-            batch_size=rows * cols,
-            generator=generator,
-            num_inference_steps=config.num_inference_steps,
-            output_type="pil",
-            callback_on_step_end=None if stop is None else _stop_sampling_when(stop),
-            **kwargs,
-        ).images
-    return make_image_grid(_for_viewing(images), rows=rows, cols=cols)
+    images = sample_shared(
+        pipeline,
+        list(range(rows * cols)),
+        accelerator,
+        stop,
+        seed=config.seed,
+        num_inference_steps=config.num_inference_steps,
+        class_label_of=None if num_classes is None else (lambda index: index // cols),
+        guidance_scale=config.guidance_scale,
+    )
+    return make_image_grid(_for_viewing(_to_pil(images)), rows=rows, cols=cols)
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -1371,6 +1430,7 @@ def evaluate_during_training(
     num_classes: int | None,
     device: torch.device,
     stop: Callable[[], bool] | None = None,
+    accelerator: Any = None,
 ) -> dict[str, float]:
     """The numbers of an evaluation during (or at the end of) training, for the EMA ``unet``.
 
@@ -1381,6 +1441,9 @@ def evaluate_during_training(
       class-conditional model; ``eval_inference_steps`` steps of the model's own scheduler) against the test split;
     - ``eval_fid``: on a folder dataset with ``inception_weights``, the FID of as many samples against those
       training images.
+
+    With an ``accelerator`` of several processes, call it on every process: the samples are drawn by all of them
+    (each its share, :func:`sample_shared`); the numbers are computed on the main process (others return ``{}``).
     """
     import torch
 
@@ -1388,6 +1451,13 @@ def evaluate_during_training(
     from .evaluation import SampleQuality, bits_per_dim_estimate, reference_digits
 
     digits = isinstance(dataset, DigitsDataset) and dataset.resolution == 8
+    metric = "fd" if digits else ("fid" if config.inception_weights is not None else None)
+    steps, timesteps = evaluation_steps(config)
+    samples = None
+    if metric is not None:
+        samples = _evaluation_samples(unet, scheduler, config, num_classes, steps, stop, accelerator)
+    if (accelerator is not None and not accelerator.is_main_process) or (stop is not None and stop()):
+        return {}
     if digits:
         images, labels = reference_digits("test")
     else:
@@ -1397,24 +1467,18 @@ def evaluate_during_training(
             items = [dataset[index] for index in range(min(len(dataset), 256))]
         images = torch.stack([item["pixel_values"] for item in items])
         labels = torch.stack([torch.as_tensor(item["class_labels"]) for item in items])
-    images = images.to(device)
-    steps, timesteps = evaluation_steps(config)
-    generator = torch.Generator().manual_seed(config.seed)
     bound = bits_per_dim_estimate(
         unet,
         scheduler,
-        images,
+        images.to(device),
         labels if num_classes is not None else None,
         num_timesteps=timesteps,
-        generator=generator,
+        generator=torch.Generator().manual_seed(config.seed),
     )
     numbers = {"eval_bpd": bound.total, "eval_bpd_stderr": bound.stderr}
-    metric = "fd" if digits else ("fid" if config.inception_weights is not None else None)
-    if metric is not None and (stop is None or not stop()):
+    if samples is not None:
         quality = SampleQuality(images.cpu(), [metric], inception_weights=config.inception_weights)
-        samples = _evaluation_samples(unet, scheduler, config, num_classes, steps, stop)
-        if stop is None or not stop():
-            numbers[f"eval_{metric}"] = quality(samples)[metric]
+        numbers[f"eval_{metric}"] = quality(samples)[metric]
     return numbers
 
 
@@ -1425,24 +1489,22 @@ def _evaluation_samples(
     num_classes: int | None,
     steps: int,
     stop: Callable[[], bool] | None,
+    accelerator: Any = None,
 ) -> torch.Tensor:
-    """``eval_num_samples`` samples in [-1, 1], balanced over the classes, seeded by the run's seed."""
-    import torch
-
+    """``eval_num_samples`` samples in [-1, 1], balanced over the classes, seeded by the run's seed (drawn by
+    every process of ``accelerator``, each its share)."""
     from .pipeline_ddpm import DDPMPipeline
-    from .sampling import sample_batches
 
-    batches = sample_batches(
+    images = sample_shared(
         DDPMPipeline(unet=unet, scheduler=scheduler),
-        range(config.eval_num_samples),
+        list(range(config.eval_num_samples)),
+        accelerator,
+        stop,
         seed=config.seed,
         num_inference_steps=steps,
-        batch_size=min(config.eval_num_samples, 250),
         class_label_of=None if num_classes is None else (lambda index: index % num_classes),
-        show_progress=False,
-        callback_on_step_end=None if stop is None else _stop_sampling_when(stop),
     )
-    return torch.cat([images for _, images in batches]).float() / 127.5 - 1.0
+    return images.float() / 127.5 - 1.0
 
 
 def evaluation_steps(config: TrainingConfig) -> tuple[int, int]:
@@ -1632,10 +1694,20 @@ def _distributed_without_accelerator() -> bool:
 
 
 def _build_accelerator(config: TrainingConfig, output_dir: Path) -> Any:
+    """The run's Accelerator; ``process_group_timeout`` becomes the process group's timeout (every collective:
+    barriers, gathers, and NCCL's watchdog), through ``InitProcessGroupKwargs``."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
+    from accelerate.utils import (
+        DataLoaderConfiguration,
+        GradientAccumulationPlugin,
+        InitProcessGroupKwargs,
+        ProjectConfiguration,
+    )
 
     return Accelerator(
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.process_group_timeout))],
         mixed_precision=config.mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False
@@ -1861,6 +1933,8 @@ class _TrainLoop:
     """
 
     progress_name = "train"  # the progress bar's label
+    #: :meth:`_evaluation_numbers` runs on every process (which then share the sampling); else on the main one
+    shared_evaluation = True
 
     def __init__(self, config: TrainingConfig, stop: _StopSignals) -> None:
         self.config = config
@@ -2308,20 +2382,24 @@ class _TrainLoop:
         """An intermediate grid ``samples/step-<step>.png`` (interruptible after any denoising step)."""
         from .data import save_png
 
+        grid = self.sample_grid(_ema_unet(self.accelerator, self.model, self.ema))
+        self.stop.raise_if_requested()  # an unfinished grid is not written
         if self.is_main:
-            unet = _ema_unet(self.accelerator, self.model, self.ema)
-            grid = sample_grid(
-                unet,
-                self.scheduler,
-                self.config,
-                self.num_classes,
-                self.accelerator.device,
-                self.stop.requested,
-            )
-            self.stop.raise_if_requested()  # an unfinished grid is not written
             save_png(grid, self.output_dir / SAMPLES_FOLDER / f"step-{step:07d}.png")
             log_image_to_trackers(self.accelerator, "samples", grid, step)
         self.accelerator.wait_for_everyone()
+
+    def sample_grid(self, unet: Any) -> Any:
+        """(Every process.) The sample grid of the EMA ``unet``, each process drawing its share."""
+        return sample_grid(
+            unet,
+            self.scheduler,
+            self.config,
+            self.num_classes,
+            self.accelerator.device,
+            self.stop.requested,
+            self.accelerator,
+        )
 
     def save_model(self, step: int) -> None:
         """A periodic save of the EMA pipeline into the output folder, as the final save writes it (atomically: an
@@ -2343,15 +2421,17 @@ class _TrainLoop:
 
     # -------------------------------------------------------------------------------- evaluate
     def evaluate(self, step: int, unet: Any = None) -> dict[str, float]:
-        """(Main process.) The EMA model's bits/dim estimate on held-out data and, on the digits, its digits FD:
-        logged to metrics.jsonl, the trackers and the bar; interruptible after any denoising step. ``unet``: the
-        EMA U-Net when the caller has made it already (the final evaluation)."""
+        """The EMA model's bits/dim estimate on held-out data and, on the digits, its digits FD: logged to
+        metrics.jsonl, the trackers and the bar; interruptible after any denoising step. ``unet``: the EMA U-Net
+        when the caller has made it already (the final evaluation). Every process draws its share of the samples
+        (:attr:`shared_evaluation`); the numbers are the main process's."""
         numbers: dict[str, float] = {}
-        if self.is_main:
+        if self.is_main or self.shared_evaluation:
             numbers = self._evaluation_numbers(
                 unet if unet is not None else _ema_unet(self.accelerator, self.model, self.ema), step
             )
             self.stop.raise_if_requested()  # an unfinished evaluation is not logged
+        if self.is_main:
             _append_json_line(self.output_dir / METRICS_NAME, {"step": step, **numbers})
             self.accelerator.log(numbers, step=step)
             shown = ", ".join(
@@ -2371,6 +2451,7 @@ class _TrainLoop:
             self.num_classes,
             self.accelerator.device,
             self.stop.requested,
+            self.accelerator,
         )
 
     def _evaluation_for_card(self, numbers: dict[str, float]) -> dict[str, str]:
@@ -2389,27 +2470,21 @@ class _TrainLoop:
         self.check_finite(step)
         accelerator.wait_for_everyone()
         # one copy of the EMA weights serves the final evaluation, the grid and the save
-        final_unet = _ema_unet(accelerator, self.model, self.ema) if self.is_main else None
+        final_unet = _ema_unet(accelerator, self.model, self.ema)  # every process samples its share
         evaluation = None
         if config.evaluate:
             self.phase = "the final evaluation"
             evaluation = self.evaluate(step, final_unet)
-        if self.is_main:
-            self.stop.raise_if_requested()
-            self.phase = "the final sample grid"
-            accelerator.print(f"sampling the final grid ({config.num_inference_steps} denoising steps)")
-            try:
-                grid = sample_grid(
-                    final_unet,
-                    self.scheduler,
-                    config,
-                    self.num_classes,
-                    accelerator.device,
-                    self.stop.requested,
-                )
-            except FloatingPointError as error:  # finite weights, non-finite samples: keep the model anyway
+        self.stop.raise_if_requested()
+        self.phase = "the final sample grid"
+        accelerator.print(f"sampling the final grid ({config.num_inference_steps} denoising steps)")
+        try:
+            grid = self.sample_grid(final_unet)
+        except FloatingPointError as error:  # finite weights, non-finite samples: keep the model anyway
+            if self.is_main:
                 logger.warning("the final sample grid was not saved: %s", error)
-                grid = None
+            grid = None
+        if self.is_main:
             self.stop.raise_if_requested()
             if grid is not None:
                 log_image_to_trackers(accelerator, "samples", grid, step)

@@ -133,6 +133,37 @@ def test_corrupt_files_are_reported_by_name_and_skipped(tmp_path, caplog):
     assert "broken.png" in caplog.text and "truncated.jpg" in caplog.text
 
 
+def test_the_check_before_training_decodes_no_pixels_yet_finds_damaged_files(tmp_path, monkeypatch, caplog):
+    """PNG chunk checksums and the JPEG end marker are checked at build time without decoding; pixels are
+    decoded when an item is read. A PNG damaged inside its compressed data is still skipped before training."""
+    from PIL import ImageFile
+
+    noise = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    _write(tmp_path / "a.png", noise)
+    _write(tmp_path / "b.jpg", noise, format="JPEG")
+    damaged = _write(tmp_path / "c.png", noise)
+    data = bytearray(damaged.read_bytes())
+    data[data.index(b"IDAT") + 20] ^= 0xFF  # one byte of the compressed pixels
+    damaged.write_bytes(bytes(data))
+    trailing = _write(tmp_path / "d.jpg", noise, format="JPEG")
+    trailing.write_bytes(trailing.read_bytes() + b"\0" * 16)  # no end marker at the end: decoded to be sure
+
+    decoded = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(
+        ImageFile.ImageFile, "load", lambda image: decoded.append(image.format) or load(image)
+    )
+    with caplog.at_level(logging.WARNING, logger="ddpm_components.data"):
+        dataset = ImageFolderDataset(tmp_path, resolution=8)
+    assert [path.name for path in dataset.paths] == ["a.png", "b.jpg", "d.jpg"]
+    assert [(path.name, reason.split(":")[0]) for path, reason in dataset.skipped] == [
+        ("c.png", "SyntaxError")
+    ]
+    assert "c.png" in caplog.text and "broken PNG file" in caplog.text
+    assert decoded == ["JPEG"]  # only the JPEG with trailing bytes, at build time
+    assert dataset[1]["pixel_values"].shape == (3, 8, 8) and len(decoded) > 1  # read: decoded now
+
+
 def test_file_that_breaks_after_build_falls_back_without_crashing(tmp_path, caplog):
     first = _write(tmp_path / "0.png", _solid(0))
     _write(tmp_path / "1.png", _solid(255))

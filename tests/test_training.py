@@ -82,6 +82,7 @@ def test_flags_parse_to_typed_config_values():
         ({"block_out_channels": "8,x"}, "comma-separated integers"),
         ({"push_to_hub": True}, "hub_model_id"),
         ({"cpu_threads": 0}, "cpu_threads must be a positive integer, got 0"),
+        ({"process_group_timeout": 0}, "process_group_timeout must be a positive integer, got 0"),
         ({"vlb_weight": -0.5}, "vlb_weight must be zero or positive, got -0.5"),
         ({"max_grad_norm": -1.0}, "max_grad_norm must be zero or positive, got -1.0"),
         ({"adam_beta2": 1.0}, r"adam_beta2 must be in \[0, 1\), got 1.0"),
@@ -94,6 +95,35 @@ def test_flags_parse_to_typed_config_values():
 def test_invalid_values_raise_value_error_naming_them(overrides, message):
     with pytest.raises(ValueError, match=message):
         TrainingConfig(**overrides)
+
+
+def test_process_group_timeout_reaches_accelerate(tmp_path):
+    """--process-group-timeout becomes accelerate's InitProcessGroupKwargs (passed to init_process_group)."""
+    from datetime import timedelta
+
+    from accelerate.state import AcceleratorState
+
+    from ddpm_components.training import _build_accelerator
+
+    config = build_parser().parse_args(["train", "--process-group-timeout", "90"])
+    assert config.process_group_timeout == 90
+    accelerator = _build_accelerator(TrainingConfig(process_group_timeout=90), tmp_path)
+    try:
+        assert accelerator.init_handler.timeout == timedelta(seconds=90)
+        assert accelerator.init_handler.to_kwargs() == {"timeout": timedelta(seconds=90)}
+    finally:
+        AcceleratorState._reset_state()
+
+
+def test_a_collective_timeout_is_reported_with_the_option_that_raises_it():
+    from ddpm_components.cli import describe_error
+
+    error = RuntimeError(
+        "[gloo/unbound_buffer.cc:129] Timed out waiting 2000ms for send operation to complete"
+    )
+    code, message = describe_error(error)
+    assert code == 1 and "Timed out waiting 2000ms" in message and "raise --process-group-timeout" in message
+    assert "bug" not in message
 
 
 def test_cli_reports_invalid_option_with_exit_code_2(capsys):

@@ -119,6 +119,9 @@ def test_two_processes_with_accelerate_launch_shard_data_and_stay_in_sync(tmp_pa
         "--checkpointing-steps",
         "2",
         "--debug-record",
+        # the final grid and evaluation, drawn by both ranks (each its share)
+        *("--samples-per-class", "3", "--num-inference-steps", "4", "--evaluate", "--eval-num-samples", "20"),
+        *("--eval-inference-steps", "3", "--eval-bpd-timesteps", "2"),
     ]
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -139,11 +142,33 @@ def test_two_processes_with_accelerate_launch_shard_data_and_stay_in_sync(tmp_pa
     assert rank0_sums == rank1_sums
 
     # only the main process logs and writes: one metrics line per step, one summary line, rank-0 files only
-    assert [record["step"] for record in _metrics(output_dir)] == [1, 2, 3, 4]
+    assert [record["step"] for record in _metrics(output_dir)] == [1, 2, 3, 4, 4]  # 4: the final evaluation
     assert result.stdout.count("trained 4 steps") == 1
     _assert_checkpoints_complete(output_dir, ranks=2)
     assert sorted(p.name for p in list_checkpoints(output_dir)) == ["checkpoint-2", "checkpoint-4"]
     assert (output_dir / "model_index.json").exists()
+    _assert_one_process_draws_the_same(output_dir, _metrics(output_dir)[-1])
+
+
+def _assert_one_process_draws_the_same(output_dir: Path, evaluation: dict) -> None:
+    """The grid and the evaluation of a 2-process run (each rank drew its share of the samples) are those that
+    one process draws from the saved model: the same pixels, the same digits FD and bits/dim."""
+    import numpy as np
+    from PIL import Image
+
+    from ddpm_components import DDPMPipeline
+    from ddpm_components.data import DigitsDataset
+    from ddpm_components.training import TrainingConfig, evaluate_during_training, sample_grid
+
+    pipeline = DDPMPipeline.from_pretrained(output_dir)
+    saved = json.loads((output_dir / "training_config.json").read_text())
+    config = TrainingConfig.from_dict({**saved, "output_dir": str(output_dir.parent / "unused")})
+    grid = sample_grid(pipeline.unet, pipeline.scheduler, config, 10, pipeline.device)
+    assert np.array_equal(np.asarray(Image.open(output_dir / "samples.png")), np.asarray(grid))
+    numbers = evaluate_during_training(
+        pipeline.unet, pipeline.scheduler, config, DigitsDataset(), 10, pipeline.device
+    )
+    assert numbers == {key: value for key, value in evaluation.items() if key != "step"}
 
 
 @pytest.mark.usefixtures("torch_single_thread")
@@ -161,3 +186,53 @@ def test_push_to_hub_uploads_pipeline_card_and_training_config(tmp_path, hub_ser
     assert json.loads(files["training_config.json"])["max_train_steps"] == 2
     card = files["README.md"].decode()
     assert "max_train_steps" in card
+
+
+# a launcher that makes the main rank sleep before it draws its share of every sample grid (a slow main rank)
+_SLOW_MAIN_RANK = """
+import os, sys, time
+import ddpm_components.training as training
+
+drawn = training.sample_shared
+
+def slow_main_rank(*args, **kwargs):
+    if os.environ.get("RANK", "0") == "0":
+        time.sleep(float(os.environ["SLOW_MAIN_SECONDS"]))
+    return drawn(*args, **kwargs)
+
+training.sample_shared = slow_main_rank
+from ddpm_components.cli import main
+raise SystemExit(main())
+"""
+
+
+def _launch_two(script: Path, output_dir: Path, *flags: str, delay: float) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["--main_process_port", str(_free_port()), "--num_cpu_threads_per_process", "1"]
+    command += [str(script), "train", "--output-dir", str(output_dir), *TINY_FLAGS]
+    command += ["--train-batch-size", "8", "--max-train-steps", "2", "--checkpointing-steps", "0", *flags]
+    env = {**_env(), "SLOW_MAIN_SECONDS": str(delay)}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow  # two 2-process runs, with a 6 s delay each: about 35 s
+def test_process_group_timeout_reaches_gloo_and_a_slow_main_rank_completes(tmp_path):
+    """The main rank 6 s late at the final grid (the other rank waits for it in the grid's gather): with
+    --process-group-timeout 2 the other rank's gather times out and the run fails, so the option reaches
+    torch.distributed (gloo); the same run with 60 completes."""
+    script = tmp_path / "slow_main_rank.py"
+    script.write_text(_SLOW_MAIN_RANK)
+    grid_flags = ["--samples-per-class", "3", "--num-inference-steps", "4"]
+
+    short = _launch_two(script, tmp_path / "short", *grid_flags, "--process-group-timeout", "2", delay=6)
+    assert short.returncode != 0, short.stdout[-2000:] + short.stderr[-2000:]
+    # rank 1 times out in the grid's gather and closes its connections; whichever rank reports first ends the run
+    output = (short.stdout + short.stderr).lower()
+    assert "timed out" in output or "connection closed by peer" in output, short.stderr[-3000:]
+    assert not (tmp_path / "short" / "model_index.json").exists()
+
+    output_dir = tmp_path / "generous"
+    result = _launch_two(script, output_dir, *grid_flags, "--process-group-timeout", "60", delay=6)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (output_dir / "model_index.json").exists() and (output_dir / "samples.png").exists()
