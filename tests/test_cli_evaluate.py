@@ -72,6 +72,10 @@ def test_evaluate_writes_table_json_and_plot(saved_model, tmp_path, capsys, torc
             "num_samples=3 is too few",
         ),
         (["--scheduler", "NoSuch"], "neither 'ddpm'"),
+        (  # diffusers' multistep solver with the DDPM config's leading spacing: T steps of timestep 0
+            ["--metrics", "fd", "--steps", "20", "--scheduler", "DPMSolverMultistepScheduler"],
+            r"repeats timesteps \(timestep_spacing='leading'.*DPMSolverMultistepScheduler:timestep_spacing=trailing",
+        ),
         (["--steps", "ddim5", "--scheduler", "DDIMScheduler"], "only 'ddpm' \\(our scheduler\\) takes"),
         (["--plot", "quality.jpg"], "--plot writes a PNG image"),
     ],

@@ -137,6 +137,18 @@ def test_respacing_strings_and_other_schedulers(model, tmp_path, capsys):
     )
     assert "only our scheduler ('ddpm') takes" in capsys.readouterr().err
     assert _sample(model, "--scheduler", "NoSuchScheduler", "--out", str(tmp_path / "x.png")) == 2
+    capsys.readouterr()
+    # T steps of a T-step model with the DDPM config's leading spacing: timestep 0 twenty times, then an IndexError
+    repeated = [
+        "--steps",
+        "20",
+        "--scheduler",
+        "DPMSolverMultistepScheduler",
+        "--out",
+        str(tmp_path / "x.png"),
+    ]
+    assert _sample(model, *repeated) == 2
+    assert "repeats timesteps" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 
