@@ -191,3 +191,16 @@ def tiny_pipeline(num_class_embeds: int | None = None, num_train_timesteps: int 
     pipeline = DDPMPipeline(unet=tiny_unet(num_class_embeds), scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+@pytest.fixture
+def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """wandb offline (no account, no network), writing under ``tmp_path``; wandb's process-wide setup (which keeps
+    the first run's settings, its folder included) is torn down before and after, so tests do not share it."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    wandb.teardown()
+    yield tmp_path / "wandb"
+    wandb.teardown()

@@ -275,12 +275,8 @@ def test_a_hub_dataset_id_through_the_loopback_hub(hub_server, run_python, tmp_p
     )  # only the subprocess talked to the loopback Hub
 
 
-def test_logger_wandb_logs_offline(tmp_path, monkeypatch, capsys):
+def test_logger_wandb_logs_offline(tmp_path, monkeypatch, capsys, offline_wandb):
     """diffusers' --logger wandb: accelerate's wandb tracker (offline here: WANDB_MODE=offline, no account)."""
-    pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     data = write_image_folder(tmp_path / "pets")
     command = f"""train --dataset_name {data} --cache_dir {tmp_path / "cache"} --resolution 8 --train_batch_size 2

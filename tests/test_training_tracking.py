@@ -95,12 +95,8 @@ def test_grad_norm_is_the_norm_before_clipping(tmp_path):
     assert all(record["grad_norm"] > 1e-3 for record in _metrics(out))  # clipped to 1e-6, logged before
 
 
-def test_wandb_offline_and_report_to_all(tmp_path, monkeypatch, capsys):
+def test_wandb_offline_and_report_to_all(tmp_path, monkeypatch, capsys, offline_wandb):
     """--report-to all: every tracker installed (here tensorboard and wandb, offline: no account, no network)."""
-    pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     flags = [
         "--output-dir",
