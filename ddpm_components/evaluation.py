@@ -496,10 +496,10 @@ class SampleQuality:
         numbers: dict[str, float] = {}
         for metric, space in self.spaces.items():
             if metric == "accuracy":
-                if requested is not None:
-                    from .digits_classifier import accuracy, load_digits_classifier
+                if requested is not None:  # the classifier whose features the digits metrics use
+                    from .digits_classifier import accuracy
 
-                    numbers["accuracy"] = accuracy(load_digits_classifier(), images, requested)
+                    numbers["accuracy"] = accuracy(self.networks["digits"].classifier, images, requested)
                 continue
             generated = _features(self.networks[space], images, self.batch_size)
             reference = self.reference_features(space)
