@@ -202,10 +202,8 @@ def test_background_push_in_flight_is_skipped_and_close_does_not_hang():
     pusher.wait()
 
 
-def test_hub_push_every_through_the_loopback_hub(tmp_path, hub_server):
-    """--save-model-steps 1 --hub-push-every 2: background pushes of periodic saves while training; the first one
-    fails (the Hub answers 500), which is one warning, and training completes; the final push lands last."""
-    hub_server.state.fail_commits = 1
+def _train_with_background_pushes(tmp_path, hub_server) -> tuple[subprocess.CompletedProcess, Path]:
+    """8 tiny steps with --save-model-steps 1 --hub-push-every 2, pushed to the loopback Hub as user/tiny."""
     out = tmp_path / "out"
     command = [sys.executable, "-m", "ddpm_components", "train", "--output-dir", str(out)]
     command += ["--block-out-channels", "8,16", "--layers-per-block", "1", "--train-batch-size", "8"]
@@ -223,14 +221,40 @@ def test_hub_push_every_through_the_loopback_hub(tmp_path, hub_server):
     env = {**hub_server.env, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(Path(__file__).parents[1])}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    warnings = [line for line in result.stderr.splitlines() if "background push" in line]
-    assert len(warnings) == 1 and "step 2" in warnings[0], result.stderr[-3000:]
+    return result, out
+
+
+def _background_steps(messages: list[str]) -> list[int]:
+    return [int(message.split(" at step ")[1].split()[0]) for message in messages if " at step " in message]
+
+
+def test_hub_push_every_through_the_loopback_hub(tmp_path, hub_server):
+    """--save-model-steps 1 --hub-push-every 2: the 2nd save's upload always lands (at most one is in flight, and
+    the final push waits for it), later ones only on even saves not skipped for an upload in flight; the final
+    push lands last. Which later saves are skipped depends on the machine's speed, so only their steps are
+    checked."""
+    result, out = _train_with_background_pushes(tmp_path, hub_server)
+    assert "background push" not in result.stderr, result.stderr[-3000:]
     repo = hub_server.state.repos["user/tiny"]
-    background = [message for message in repo.messages if " at step " in message]
-    assert background and all(message.split(" at step ")[1].split()[0] in "34567" for message in background)
+    steps = _background_steps(repo.messages)
+    assert steps[:1] == [2] and set(steps) <= {2, 4, 6, 8} and steps == sorted(steps), repo.messages
     assert repo.messages[-1] == "Upload DDPM pipeline (ddpm-components)"  # the final push, last
     assert json.loads(repo.files["training_config.json"])["max_train_steps"] == 8
     assert "model_index.json" in repo.files and os.path.isfile(out / "model_index.json")
+
+
+def test_a_failed_background_push_is_one_warning_and_training_completes(tmp_path, hub_server):
+    """The first upload fails (the Hub answers 500): one warning line naming step 2, training completes, and the
+    final push lands last. A retry lands at a later save unless training ends first (the machine's speed decides;
+    the retry itself is tested with a fake upload above)."""
+    hub_server.state.fail_commits = 1
+    result, _ = _train_with_background_pushes(tmp_path, hub_server)
+    warnings = [line for line in result.stderr.splitlines() if "background push" in line]
+    assert len(warnings) == 1 and "step 2" in warnings[0], result.stderr[-3000:]
+    repo = hub_server.state.repos["user/tiny"]
+    assert set(_background_steps(repo.messages)) <= set(range(3, 9)), repo.messages
+    assert repo.messages[-1] == "Upload DDPM pipeline (ddpm-components)"
+    assert json.loads(repo.files["training_config.json"])["max_train_steps"] == 8
 
 
 def test_sigterm_with_an_upload_in_flight_does_not_hang(tmp_path, hub_server):
