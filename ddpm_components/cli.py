@@ -376,7 +376,7 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, options: type) -> No
 def _run_train(args: argparse.Namespace) -> int:
     """Train; exit code 0, 1 when the loss diverged (NaN/inf), 128 + the signal number after SIGINT / SIGTERM
     (130 / 143), each with one line on stderr; bad options, data, folders or checkpoints raise ValueError (2)."""
-    from .training import TrainingConfig, evaluation_steps, train
+    from .training import TrainingConfig, evaluation_few_steps, evaluation_steps, train
 
     if getattr(args, "diffusers_push", False) and args.hub_model_id is None:
         # diffusers names the repository after the output folder, in the token's namespace
@@ -408,9 +408,11 @@ def _run_train(args: argparse.Namespace) -> int:
             steps, _ = evaluation_steps(config)
             for key, title in (("eval_fd", "digits FD"), ("eval_fid", "FID")):
                 if key in evaluation:
-                    parts.append(
-                        f"{title} {evaluation[key]:.2f} ({config.eval_num_samples} samples, {steps} steps)"
-                    )
+                    text = f"{title} {evaluation[key]:.2f} ({config.eval_num_samples} samples, {steps} steps"
+                    if f"{key}_few_steps" in evaluation:
+                        few = evaluation[f"{key}_few_steps"]
+                        text += f"; {few:.2f} at {evaluation_few_steps(config)} steps"
+                    parts.append(text + ")")
             parts.append(
                 f"bits/dim {evaluation['eval_bpd']:.3f} ± {evaluation['eval_bpd_stderr']:.3f} (estimate)"
             )

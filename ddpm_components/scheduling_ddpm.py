@@ -29,6 +29,8 @@ DDIM Eq. 16 σ_t(η)² = η² β̃'_t, x_t' = √ᾱ_t' x̂_0 +      :func:`_rev
 √(1-ᾱ_t'-σ_t²) ε̂ + σ_t z (DDIM Eq. 12)                  coef1, coef2 and σ_t² of DDIM's family)
 Analytic-DPM Thm. 1: σ*² = λ² + coef1² (1-ᾱ_t)/ᾱ_t      :func:`_analytic_variance`; Γ_t comes from the config
 (1 - Γ_t); Thm. 2's bounds                              (``analytic_moments``)
+DPM-Solver++(2M): x̂_0 ← x̂_0 + h_t/(2 h_prev) (x̂_0 -     :func:`_multistep_weights` (the factor, per step);
+x̂_0 of the previous step), λ = log(√ᾱ/√(1-ᾱ))         :meth:`DDPMScheduler._multistep_original`
 ====================================================  =====================================================
 
 Improved DDPM (Nichol & Dhariwal 2021, arXiv 2102.09672) adds the learned variance
@@ -45,6 +47,10 @@ Short chains, two config keys (issue 11):
 - ``variance_type="analytic"`` with ``analytic_moments`` (Γ_t, one per training timestep, JSON floats): the
   optimal reverse variance of Analytic-DPM (Bao et al. 2022, arXiv 2201.06503); ``ddpm_components.analytic`` (not
   this file) estimates Γ from a trained model.
+- ``multistep_order`` (default 1): 2 replaces x̂_0 in the step's mean by its second-order multistep extrapolation
+  from the previous step's x̂_0 (DPM-Solver++(2M), Lu et al. 2022, arXiv 2211.01095, Alg. 2). With η = 0 the step
+  is then exactly DPM-Solver++(2M), with η = 1 (DDPM's posterior) exactly its SDE variant: the same model
+  evaluations, a better use of them on short chains.
 """
 
 from __future__ import annotations
@@ -295,6 +301,25 @@ def _analytic_variance(
     return coefficients.posterior_variance + coefficients.posterior_mean_coef1**2 * original_variance
 
 
+def _half_log_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """λ = log(√ᾱ / √(1-ᾱ)), the half log signal-to-noise ratio (float64; +inf at ᾱ = 1, -inf at ᾱ = 0)."""
+    return 0.5 * (alphas_cumprod.log() - torch.log1p(-alphas_cumprod))
+
+
+def _multistep_weights(alphas_cumprod: torch.Tensor, alphas_cumprod_prev: torch.Tensor) -> torch.Tensor:
+    """DPM-Solver++(2M)'s factor per step of a chain (float64): the step t → t' with h = λ_t' - λ_t, after the
+    step s → t with h_prev = λ_t - λ_s, uses D = x̂_0(t) + h/(2 h_prev) (x̂_0(t) - x̂_0(s)) in place of x̂_0(t)
+    (Lu et al. 2022, arXiv 2211.01095, Alg. 2: D = (1 + 1/(2r)) x̂_0(t) - 1/(2r) x̂_0(s), r = h_prev / h).
+
+    0 (first order) at the chain's first step (no history) and where h or h_prev is infinite: the last step,
+    into ᾱ = 1 (diffusers' DPM-Solver++ with ``final_sigmas_type="zero"`` also takes it first order), and the step
+    after one from ᾱ = 0 (zero terminal SNR)."""
+    step_sizes = _half_log_snr(alphas_cumprod_prev) - _half_log_snr(alphas_cumprod)  # h per step
+    weights = torch.zeros_like(step_sizes)
+    weights[1:] = step_sizes[1:] / (2.0 * step_sizes[:-1])
+    return torch.where(weights.isfinite(), weights, torch.zeros_like(weights))
+
+
 def _log_variance_midpoint_and_half_range(
     min_log_variance: torch.Tensor, max_log_variance: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,6 +389,10 @@ class StepColumns(NamedTuple):
     log_variance_midpoint: Coefficient  # learned_range: ½(log β'_t + log β̃'_t), β̃' floored as diffusers does
     log_variance_half_range: Coefficient  # learned_range: ½(log β'_t - log β̃'_t)
     noise_mask: Coefficient  # 1 where t > 0 (noise is added), 0 at t = 0
+    multistep_weight: (
+        Coefficient  # multistep_order=2: h / (2 h_prev) (:func:`_multistep_weights`), 0: first order
+    )
+    chain_previous_timestep: Coefficient  # the chain's timestep before this one (NaN at the first step)
 
 
 _NOISE_MASK_COLUMN = StepColumns._fields.index("noise_mask")
@@ -578,6 +607,19 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             likelihood API (``p_mean_variance``, ``vlb_terms``) uses the full schedule's η = 1 optimal variance
             with Theorem 2's bounds, including the decoder's at t = 0 (σ² = (1-ᾱ_0)/ᾱ_0 (1 - Γ_0), the paper's
             rule for the last step's variance), without the sampling clip.
+        multistep_order: 1 (default) or 2. With 2, each step that directly follows the previous step of the same
+            chain uses DPM-Solver++(2M)'s D = x̂_0 + h/(2 h_prev) (x̂_0 - x̂_0 of that step) in place of x̂_0 in
+            its mean (:func:`_multistep_weights`; λ = log(√ᾱ/√(1-ᾱ)), h the step's increase of λ): with η = 0
+            and ``fixed_small`` this is DPM-Solver++(2M) (diffusers' ``DPMSolverMultistepScheduler`` with
+            ``algorithm_type="dpmsolver++"``, ``solver_order=2``, its default ``midpoint`` form and
+            ``final_sigmas_type="zero"``, on the same timesteps), with η = 1 DPM-Solver++(2M) SDE (the DDPM
+            posterior's coefficients are the SDE solver's); every variance type accepts it. The first step, the
+            last one (into ᾱ = 1) and a step that does not follow the previous call's timestep in the chain
+            (a new chain, image-to-image's start, RePaint's jumps back up, another batch size) are first order,
+            so the scheduler keeps the previous x̂_0 between calls (reset by ``set_timesteps``). ``step`` still
+            returns the model's x̂_0 as ``pred_original_sample``. Not named ``solver_order``, diffusers' key:
+            ``DPMSolverMultistepScheduler.from_config`` would then silently take our default 1 (first order,
+            i.e. DDIM), and ours would take its 2.
     """
 
     _compatibles: ClassVar[list[str]] = [e.name for e in KarrasDiffusionSchedulers]
@@ -603,6 +645,7 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         rescale_betas_zero_snr: bool = False,
         eta: float = 1.0,
         analytic_moments: Sequence[float] | torch.Tensor | None = None,
+        multistep_order: int = 1,
     ):
         _check_choice("beta_schedule", beta_schedule, get_args(BetaSchedule))
         _check_choice("variance_type", variance_type, get_args(VarianceType))
@@ -624,6 +667,11 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         if not 0.0 < dynamic_thresholding_ratio <= 1.0:
             raise ValueError(f"dynamic_thresholding_ratio={dynamic_thresholding_ratio!r} must lie in (0, 1].")
         _check_eta(eta, variance_type)
+        if isinstance(multistep_order, bool) or multistep_order not in (1, 2):
+            raise ValueError(
+                f"multistep_order={multistep_order!r} is not supported; choose 1 (the DDPM/DDIM step) or 2 "
+                "(DPM-Solver++(2M)'s extrapolation of x̂_0)."
+            )
         moments = _config_moments64(analytic_moments, num_train_timesteps, variance_type)
         if moments is not None:  # JSON holds no tensors: keep Python floats, as for trained_betas
             self.register_to_config(analytic_moments=moments.tolist())
@@ -866,7 +914,11 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             prev >= 0, alphas_cumprod[prev.clamp(min=0)], torch.ones((), dtype=torch.float64)
         )
         coefficients = _reverse_step_coefficients(alphas_cumprod[t], alphas_cumprod_prev, self.config.eta)
-        table = torch.stack(self._step_columns(coefficients, t), dim=1)
+        columns = self._step_columns(coefficients, t)._replace(
+            multistep_weight=_multistep_weights(alphas_cumprod[t], alphas_cumprod_prev),
+            chain_previous_timestep=torch.cat([torch.full((1,), float("nan")), t[:-1].double()]),
+        )
+        table = torch.stack(columns, dim=1)
 
         index_of = [-1] * num_train
         for i, value in enumerate(kept):
@@ -881,6 +933,8 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         self._index_of_timestep = index_of
         self._prev_timesteps = prev.tolist()
         self._step_cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        # multistep_order=2: (the timestep of the previous step, its x̂_0); a new chain starts first order
+        self._multistep_state: tuple[int | torch.Tensor, torch.Tensor] | None = None
         self.timesteps = t.to(device) if device is not None else t
         # Fill the cache ahead of time so a compiled step never sees it change (that would recompile).
         self._step_tables(self.timesteps.device, torch.float32)
@@ -918,6 +972,8 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             log_variance_midpoint=midpoint,
             log_variance_half_range=half_range,
             noise_mask=noise_mask,
+            multistep_weight=torch.zeros_like(noise_mask),  # filled in by _build_step_tables
+            chain_previous_timestep=torch.zeros_like(noise_mask),
         )
 
     def _original_variance_bound(self) -> float | None:
@@ -1058,7 +1114,9 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         2. x̂_0 from the model output (:func:`_predict_original_sample`): Eq. 15 for ε
            (x̂_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t), x̂_0 = √ᾱ_t x_t - √(1-ᾱ_t) v for v-prediction, the output itself
            for ``sample``.
-        3. Clip x̂_0 to ±clip_sample_range or dynamically threshold it.
+        3. Clip x̂_0 to ±clip_sample_range or dynamically threshold it. With ``multistep_order=2`` the mean of
+           step 4 uses DPM-Solver++(2M)'s extrapolation D = x̂_0 + h/(2 h_prev) (x̂_0 - x̂_0 of the previous step)
+           (:meth:`_multistep_original`).
         4. Posterior mean μ̃_t(x_t, x̂_0) = coef1 x̂_0 + coef2 x_t (:func:`_posterior_mean`, Eq. 7; with ε this
            is Eq. 11).
         5. Add σ_t z, z ~ N(0, I), for t > 0 (σ_t² = β̃_t, β'_t or the learned Σ_θ; Eq. 6 and §3.2; with
@@ -1107,12 +1165,23 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             )
             columns = self._step_rows[self._host_index(host_timestep)]
             add_noise = host_timestep > 0 and self._draws_noise
+            chain_position: int | torch.Tensor = host_timestep
         else:
             # tensor path: coefficients gathered by index, no host-device synchronisation, compile friendly
             columns, any_noise = self._gather_step_columns(timestep, sample, work_dtype, compiling)
             add_noise = (any_noise or variance_noise is not None) and self._draws_noise
+            chain_position = torch.as_tensor(timestep, device=sample.device).reshape(-1).to(work_dtype)
+            chain_position = chain_position.reshape(-1, *([1] * (sample.ndim - 1)))
         prev_sample, pred_original_sample = self._reverse_step(
-            columns, mean_output, variance_output, sample, work_dtype, add_noise, generator, variance_noise
+            columns,
+            mean_output,
+            variance_output,
+            sample,
+            work_dtype,
+            add_noise,
+            generator,
+            variance_noise,
+            chain_position,
         )
         prev_sample = prev_sample.to(out_dtype)
         pred_original_sample = pred_original_sample.to(out_dtype)
@@ -1163,21 +1232,57 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         add_noise: bool,
         generator: torch.Generator | list[torch.Generator] | None,
         variance_noise: torch.Tensor | None,
+        chain_position: int | torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steps 2-5 of :meth:`step` for either path (``columns`` holds floats or gathered tensors)."""
+        """Steps 2-5 of :meth:`step` for either path (``columns`` holds floats or gathered tensors;
+        ``chain_position`` is the timestep, an int on the host path, a broadcastable tensor on the other)."""
         x = sample.to(work_dtype)
-        # 2. x̂_0, 3. clip / threshold
+        # 2. x̂_0, 3. clip / threshold (and the multistep extrapolation)
         pred_original_sample = self._clip_original(
             _predict_original_sample(self.config.prediction_type, mean_output.to(work_dtype), x, columns)
         )
+        mean_original = pred_original_sample
+        if self.config.multistep_order == 2:
+            mean_original = self._multistep_original(pred_original_sample, columns, chain_position)
         # 4. posterior mean
-        prev_sample = _posterior_mean(pred_original_sample, x, columns)
+        prev_sample = _posterior_mean(mean_original, x, columns)
         # 5. noise, for t > 0 (zero-masked per row on the tensor path)
         if not add_noise:
             return prev_sample, pred_original_sample
         noise = self._draw_noise(mean_output, generator) if variance_noise is None else variance_noise
         scale = self._noise_scale(columns, variance_output, work_dtype)
         return _add_scaled_(prev_sample, scale, noise.to(work_dtype)), pred_original_sample
+
+    def _multistep_original(
+        self, pred_original_sample: torch.Tensor, columns: StepColumns, chain_position: int | torch.Tensor
+    ) -> torch.Tensor:
+        """DPM-Solver++(2M)'s D = x̂_0 + w (x̂_0 - x̂_0 of the previous step), w = h/(2 h_prev), when the previous
+        call stepped from the chain's previous timestep (on the tensor path checked per batch element, without a
+        host synchronisation); x̂_0 itself otherwise. Remembers this step's timestep and x̂_0 for the next call."""
+        state, self._multistep_state = self._multistep_state, (chain_position, pred_original_sample)
+        if state is None or state[1].shape != pred_original_sample.shape:
+            return pred_original_sample
+        previous_position, previous_original = state
+        previous_original = previous_original.to(pred_original_sample)
+        if isinstance(chain_position, int):  # host path: Python numbers, decided on the host
+            weight = columns.multistep_weight
+            if (
+                isinstance(previous_position, torch.Tensor)
+                or previous_position != columns.chain_previous_timestep
+            ):
+                return pred_original_sample
+            if weight == 0.0:
+                return pred_original_sample
+            return torch.add(pred_original_sample, pred_original_sample - previous_original, alpha=weight)
+        follows = torch.as_tensor(previous_position, device=chain_position.device).to(chain_position.dtype)
+        if follows.ndim != chain_position.ndim:
+            return pred_original_sample
+        weight = torch.where(
+            follows == columns.chain_previous_timestep,
+            columns.multistep_weight,
+            torch.zeros_like(columns.multistep_weight),
+        )
+        return torch.addcmul(pred_original_sample, weight, pred_original_sample - previous_original)
 
     def _noise_scale(
         self, columns: StepColumns, variance_output: torch.Tensor | None, work_dtype: torch.dtype

@@ -34,7 +34,7 @@ def seeded_global_generator():
 
 # Our config keys that diffusers' DDPMScheduler lacks (issue 11: DDIM's η and Analytic-DPM's moments); their
 # defaults keep the DDPM step, and diffusers keeps them hidden through from_config.
-OUR_EXTRA_KEYS = {"eta": 1.0, "analytic_moments": None}
+OUR_EXTRA_KEYS = {"eta": 1.0, "analytic_moments": None, "multistep_order": 1}
 
 
 def public_config(scheduler) -> dict:

@@ -47,7 +47,7 @@ def tiny_unet() -> UNet2DModel:
 
 
 # our keys that diffusers' DDPMScheduler lacks (DDIM's eta, Analytic-DPM's moments), at their defaults here
-OUR_EXTRA_KEYS = ("eta", "analytic_moments")
+OUR_EXTRA_KEYS = ("eta", "analytic_moments", "multistep_order")
 
 
 def public_config(scheduler) -> dict:

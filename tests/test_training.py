@@ -29,6 +29,17 @@ def tiny_config(output_dir: Path, **overrides) -> TrainingConfig:
 
 
 # ----------------------------------------------------------------------------------- configuration and CLI
+def test_the_saved_scheduler_is_the_measured_few_step_setting():
+    """The saved sampler: DDPM's step with DPM-Solver++(2M)'s extrapolation on trailing timesteps (issue 11's
+    measured recommendation); both keys can be set back to diffusers' plain DDPM step."""
+    from ddpm_components.training import build_scheduler
+
+    config = build_scheduler(TrainingConfig()).config
+    assert (config.multistep_order, config.timestep_spacing, config.eta) == (2, "trailing", 1.0)
+    plain = build_scheduler(TrainingConfig(multistep_order=1, timestep_spacing="leading")).config
+    assert (plain.multistep_order, plain.timestep_spacing) == (1, "leading")
+
+
 def test_every_field_is_a_flag_with_the_same_default():
     parser = build_parser()
     args = parser.parse_args(["train"])
@@ -475,15 +486,19 @@ def test_evaluation_during_and_after_training(tmp_path, capsys):
     flags += ["--eval-inference-steps", "5", "--eval-bpd-timesteps", "3", "--checkpointing-steps", "0"]
     assert main(["train", "--output-dir", str(folder), *flags]) == 0
     printed = capsys.readouterr().out
-    assert "evaluation: digits FD" in printed and "(20 samples, 5 steps)" in printed and "bits/dim" in printed
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     evaluations = [record for record in records if "eval_fd" in record]
     assert [record["step"] for record in evaluations] == [2, 4]
     for record in evaluations:
         assert record["eval_fd"] > 0 and record["eval_bpd"] > 0 and record["eval_bpd_stderr"] >= 0
+        assert record["eval_fd_few_steps"] > 0 and record["eval_fd_few_steps"] != record["eval_fd"]
+    few = f"{evaluations[-1]['eval_fd_few_steps']:.2f} at 10 steps"  # the default --eval-few-steps
+    assert "evaluation: digits FD" in printed and f"(20 samples, 5 steps; {few})" in printed, printed
+    assert "bits/dim" in printed
     card = (folder / "README.md").read_text()
     assert "## Evaluation" in card and "digits FD, 20 samples, 5 steps of the model's scheduler" in card
     assert f"{evaluations[-1]['eval_fd']:.2f}" in card
+    assert "digits FD, 20 samples, 10 steps of the model's scheduler (few steps)" in card
     assert (
         "bits/dim on the digits' held-out test split (unbiased estimate from 3 timesteps per image)" in card
     )

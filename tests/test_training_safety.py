@@ -119,6 +119,12 @@ def image_folder(
             "guidance_scale=3.0 needs a class-conditional model",
         ),
         ({"resume": "latest", "overwrite": True}, "resume and overwrite exclude each other"),
+        ({"multistep_order": 3}, "multistep_order must be 1 .* or 2 .*, got 3"),
+        (
+            {"timestep_spacing": "last"},
+            "timestep_spacing must be one of 'trailing', 'leading', 'linspace', got 'last'",
+        ),
+        ({"eval_few_steps": -1}, "eval_few_steps must be zero or positive, got -1"),
     ],
 )
 def test_every_option_is_checked_when_the_config_is_made(overrides, message):
