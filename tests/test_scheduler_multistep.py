@@ -12,18 +12,14 @@ import pytest
 import torch
 from conftest import tiny_pipeline
 from diffusers import DPMSolverMultistepScheduler
-from test_scheduler_mixture import optimal_epsilon, wasserstein_to_mixture
+from test_scheduler_mixture import wasserstein_to_mixture
+from test_scheduler_variances import (
+    run_mixture_chain,
+    single_thread,  # noqa: F401 (an autouse fixture: one torch thread)
+)
 
 from ddpm_components import DDPMScheduler
 from ddpm_components.scheduling_ddpm import _multistep_weights
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(x: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
@@ -139,14 +135,7 @@ def test_multistep_samples_the_mixture_better_at_ten_steps(eta, factor):
         scheduler = DDPMScheduler(
             clip_sample=False, eta=eta, multistep_order=multistep_order, timestep_spacing="trailing"
         )
-        scheduler.set_timesteps(10)
-        alphas_cumprod = scheduler._alphas_cumprod64
-        generator = torch.Generator().manual_seed(1)
-        x = torch.randn(4000, 1, generator=generator)
-        for t in scheduler.timesteps.tolist():
-            epsilon = optimal_epsilon(x.double(), alphas_cumprod[t]).float()
-            x = scheduler.step(epsilon, t, x, generator=generator).prev_sample
-        return x.flatten().double()
+        return run_mixture_chain(scheduler, 10)
 
     second, first = wasserstein_to_mixture(sample(2)), wasserstein_to_mixture(sample(1))
     assert second < factor * first, (second, first)

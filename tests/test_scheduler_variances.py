@@ -293,10 +293,8 @@ def mixture_moments() -> list[float]:
     return estimate_analytic_moments(unet, DDPMScheduler(), data, batch_size=200_000, generator=generator)
 
 
-def _sample_mixture(variance_type: str, steps: int, moments: list[float], eta: float = 1.0) -> torch.Tensor:
-    scheduler = DDPMScheduler(
-        clip_sample=False, variance_type=variance_type, analytic_moments=moments, eta=eta
-    )
+def run_mixture_chain(scheduler: DDPMScheduler, steps: int) -> torch.Tensor:
+    """4000 samples of a ``steps``-step chain of ``scheduler`` driven by the mixture's exact ε* (seeded)."""
     alphas_cumprod = scheduler._alphas_cumprod64
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(1)
@@ -305,6 +303,13 @@ def _sample_mixture(variance_type: str, steps: int, moments: list[float], eta: f
         epsilon = optimal_epsilon(x.double(), alphas_cumprod[t]).float()
         x = scheduler.step(epsilon, t, x, generator=generator).prev_sample
     return x.flatten().double()
+
+
+def _sample_mixture(variance_type: str, steps: int, moments: list[float], eta: float = 1.0) -> torch.Tensor:
+    scheduler = DDPMScheduler(
+        clip_sample=False, variance_type=variance_type, analytic_moments=moments, eta=eta
+    )
+    return run_mixture_chain(scheduler, steps)
 
 
 @pytest.mark.parametrize("steps", [10, 50])
