@@ -1362,6 +1362,9 @@ class DDPMPipeline(DiffusionPipeline):
             "beta_end",
             "variance_type",
             "prediction_type",
+            "timestep_spacing",
+            "eta",
+            "multistep_order",
         ):
             if key in scheduler_config:
                 lines.append(f"| {key} | `{scheduler_config[key]}` |")
