@@ -475,10 +475,8 @@ class TrainingConfig:
             raise ValueError(
                 f"eval_num_samples must be at least 2 (a Fréchet distance), got {self.eval_num_samples}"
             )
-        if self.inception_weights is not None and self.evaluate:
-            from .evaluation import find_inception_weights
-
-            find_inception_weights(self.inception_weights)
+        # the Inception weights file (92 MB, hashed) is checked once per run, in train()'s setup, not on every
+        # construction of a config (the command line's, dataclasses.replace, a resumed run's)
         if self.guidance_scale != 1.0 and self.conditioning == "none":
             raise ValueError(
                 f"guidance_scale={self.guidance_scale} needs a class-conditional model, but conditioning='none'; "
@@ -1431,6 +1429,7 @@ def evaluate_during_training(
     device: torch.device,
     stop: Callable[[], bool] | None = None,
     accelerator: Any = None,
+    cache: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """The numbers of an evaluation during (or at the end of) training, for the EMA ``unet``.
 
@@ -1444,6 +1443,11 @@ def evaluate_during_training(
 
     With an ``accelerator`` of several processes, call it on every process: the samples are drawn by all of them
     (each its share, :func:`sample_shared`); the numbers are computed on the main process (others return ``{}``).
+
+    ``cache``: a dict kept across the evaluations of one run (empty at first), which then holds the reference
+    images and the :class:`~ddpm_components.evaluation.SampleQuality` built on them: the feature network (the
+    digits classifier, or Inception-V3 from its 92 MB file) is loaded and the reference features are computed
+    once per run instead of at every evaluation.
     """
     import torch
 
@@ -1458,15 +1462,20 @@ def evaluate_during_training(
         samples = _evaluation_samples(unet, scheduler, config, num_classes, steps, stop, accelerator)
     if (accelerator is not None and not accelerator.is_main_process) or (stop is not None and stop()):
         return {}
-    if digits:
-        images, labels = reference_digits("test")
-    else:
-        if hasattr(dataset, "head"):  # a streamed dataset: its first rows
-            items = dataset.head(256)
+    cache = {} if cache is None else cache
+    if "reference" not in cache:
+        if digits:
+            cache["reference"] = reference_digits("test")
         else:
-            items = [dataset[index] for index in range(min(len(dataset), 256))]
-        images = torch.stack([item["pixel_values"] for item in items])
-        labels = torch.stack([torch.as_tensor(item["class_labels"]) for item in items])
+            if hasattr(dataset, "head"):  # a streamed dataset: its first rows
+                items = dataset.head(256)
+            else:
+                items = [dataset[index] for index in range(min(len(dataset), 256))]
+            cache["reference"] = (
+                torch.stack([item["pixel_values"] for item in items]),
+                torch.stack([torch.as_tensor(item["class_labels"]) for item in items]),
+            )
+    images, labels = cache["reference"]
     bound = bits_per_dim_estimate(
         unet,
         scheduler,
@@ -1477,8 +1486,12 @@ def evaluate_during_training(
     )
     numbers = {"eval_bpd": bound.total, "eval_bpd_stderr": bound.stderr}
     if samples is not None:
-        quality = SampleQuality(images.cpu(), [metric], inception_weights=config.inception_weights)
-        numbers[f"eval_{metric}"] = quality(samples)[metric]
+        if cache.get("quality_metric") != metric:
+            cache["quality"] = SampleQuality(
+                images.cpu(), [metric], inception_weights=config.inception_weights
+            )
+            cache["quality_metric"] = metric
+        numbers[f"eval_{metric}"] = cache["quality"](samples)[metric]
     return numbers
 
 
@@ -1996,6 +2009,8 @@ class _TrainLoop:
         self.phase = "training"
         self.last_loss = math.nan
         self.pusher: _BackgroundPush | None = None  # --hub-push-every: uploads of periodic saves
+        # the evaluations' reference images and SampleQuality (feature network, reference features), made once
+        self.evaluation_cache: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -2008,6 +2023,10 @@ class _TrainLoop:
             self.output_dir = check_save_directory(config.output_dir)
         except ValueError as error:
             raise ValueError(f"--output-dir: {error}") from None
+        if config.inception_weights is not None and config.evaluate:
+            from .evaluation import find_inception_weights
+
+            find_inception_weights(config.inception_weights)  # once per run: it hashes the 92 MB file
         for flag, folder in (
             ("--train-data-dir", config.train_data_dir),
             ("--dataset-name", config.dataset_name),
@@ -2511,6 +2530,7 @@ class _TrainLoop:
             self.accelerator.device,
             self.stop.requested,
             self.accelerator,
+            self.evaluation_cache,
         )
 
     def _evaluation_for_card(self, numbers: dict[str, float]) -> dict[str, str]:
