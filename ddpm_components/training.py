@@ -88,6 +88,10 @@ _CHECKPOINT_FILE = re.compile(
     r"|random_states_\d+\.pkl|custom_checkpoint_\d+\.pkl|scaler\.pt|" + re.escape(RUN_RECORD_NAME)
 )
 _SAMPLE_FILE = re.compile(r"step-\d+\.png")
+# what accelerate's TensorBoard tracker writes into logs/<project>: event files, and add_hparams' and accelerate's
+# folders named by time.time() holding an event file or hparams.yml
+_TRACKER_FILE = re.compile(r"events\.out\.tfevents\..+")
+_TRACKER_RUN_FOLDER = re.compile(r"\d+(\.\d+)?")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -808,8 +812,25 @@ def _run_files(root: Path) -> list[Path]:
     if samples.is_dir():
         found += sorted(path for path in samples.iterdir() if _SAMPLE_FILE.fullmatch(path.name))
     found += [root / DEBUG_FOLDER / name for name in _DEBUG_FILES if (root / DEBUG_FOLDER / name).is_file()]
-    if (root / LOGS_FOLDER / _TRACKER_PROJECT).is_dir():
-        found.append(root / LOGS_FOLDER / _TRACKER_PROJECT)
+    found += _tracker_files(root / LOGS_FOLDER / _TRACKER_PROJECT)
+    return found
+
+
+def _tracker_files(folder: Path) -> list[Path]:
+    """The files in ``folder`` (``logs/<project>``) at names the TensorBoard tracker writes (anything else there is
+    not ours, and ``--overwrite`` leaves it)."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file() and _TRACKER_FILE.fullmatch(entry.name):
+            found.append(entry)
+        elif entry.is_dir() and _TRACKER_RUN_FOLDER.fullmatch(entry.name):
+            found += [
+                path
+                for path in sorted(entry.iterdir())
+                if path.is_file() and (_TRACKER_FILE.fullmatch(path.name) or path.name == "hparams.yml")
+            ]
     return found
 
 
@@ -955,9 +976,19 @@ def _remove_run(folder: _OutputFolder) -> None:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
-    for name in (SAMPLES_FOLDER, DEBUG_FOLDER, LOGS_FOLDER):
+    tracker = folder.path / LOGS_FOLDER / _TRACKER_PROJECT
+    leftovers = (
+        [path for path in tracker.iterdir() if path.is_dir() and _TRACKER_RUN_FOLDER.fullmatch(path.name)]
+        if tracker.is_dir()
+        else []
+    )
+    for path in [
+        *leftovers,
+        tracker,
+        *(folder.path / name for name in (SAMPLES_FOLDER, DEBUG_FOLDER, LOGS_FOLDER)),
+    ]:
         with contextlib.suppress(OSError):  # only when nothing else is left in it
-            (folder.path / name).rmdir()
+            path.rmdir()
 
 
 # ------------------------------------------------------------------------------------------ resuming
