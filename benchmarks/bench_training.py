@@ -106,7 +106,8 @@ def _our_train(args: argparse.Namespace) -> float:
         with open(os.path.join(folder, "metrics.jsonl")) as handle:
             records = [json.loads(line) for line in handle]
     key = "cpu_time" if args.clock == "cpu" else "wall_time"
-    by_step = {record["step"]: record[key] for record in records}
+    # only the logging records carry the clocks (an evaluation record at the final step has numbers only)
+    by_step = {record["step"]: record[key] for record in records if key in record}
     elapsed = by_step[args.warmup + args.steps] - by_step[args.warmup]
     return args.steps * args.batch_size / elapsed
 

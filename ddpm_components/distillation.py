@@ -694,13 +694,18 @@ class _DistillLoop(_TrainLoop):
         import torch
 
         from .data import DigitsDataset
-        from .evaluation import digits_fd, reference_digits
+        from .evaluation import SampleQuality, reference_digits
 
         steps = self.rounds[self.round_at(max(step - 1, 0))].student_steps
         numbers: dict[str, float] = {"eval_steps": steps}
         if not (isinstance(self.dataset, DigitsDataset) and self.dataset.resolution == 8):
             return numbers
-        images, _ = reference_digits("test")
+        if (
+            "quality" not in self.evaluation_cache
+        ):  # the digits classifier and reference features, once per run
+            self.evaluation_cache["quality"] = SampleQuality(reference_digits("test")[0], ["fd"])
+        quality = self.evaluation_cache["quality"]
+        images = quality.reference
         count = self.config.eval_num_samples
         device = self.accelerator.device
         generator = torch.Generator().manual_seed(self.config.seed)
@@ -712,7 +717,7 @@ class _DistillLoop(_TrainLoop):
         if self.stop.requested():
             return numbers
         quantised = ((samples.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1.0
-        numbers["eval_fd"] = digits_fd(quantised.cpu(), images)
+        numbers["eval_fd"] = quality(quantised.cpu())["fd"]
         return numbers
 
     def _evaluation_for_card(self, numbers: dict[str, float]) -> dict[str, str]:

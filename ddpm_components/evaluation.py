@@ -316,7 +316,8 @@ def find_inception_weights(weights: str | Path | None = None) -> Path:
 
     ``weights`` is a path to torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth``; ``None`` looks where
     torch-fidelity itself would, in torch's hub cache (``$TORCH_HOME/hub/checkpoints``). Raises ``ValueError``
-    saying which file to put where when torch-fidelity is missing or the file is absent or another file.
+    saying which file to put where when torch-fidelity is missing or the file is absent or another file. The file
+    is hashed once per process (92 MB): a later call for the same, unchanged file only looks at its size and time.
     """
     import hashlib
 
@@ -341,6 +342,10 @@ def find_inception_weights(weights: str | Path | None = None) -> Path:
             f"the Inception-V3 weights for FID are not at {path} and this program never downloads: fetch "
             f"{INCEPTION_WEIGHTS_URL} (92 MB) on a machine with network access and {where}"
         )
+    status = path.stat()
+    identity = (str(path.resolve()), status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+    if identity in _CHECKED_INCEPTION_FILES:  # hashed already, and not changed since
+        return path
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -350,7 +355,13 @@ def find_inception_weights(weights: str | Path | None = None) -> Path:
             f"{path} is not torch-fidelity's {INCEPTION_WEIGHTS_NAME} (its SHA-256 starts "
             f"{digest.hexdigest()[:8]}, expected {_INCEPTION_SHA256_PREFIX})"
         )
+    _CHECKED_INCEPTION_FILES.add(identity)
     return path
+
+
+#: Weights files :func:`find_inception_weights` hashed in this process (path, device, inode, size, modification time):
+#: a second check of the same unchanged file (training's setup, then its evaluation's network) reads it no more.
+_CHECKED_INCEPTION_FILES: set[tuple[str, int, int, int, int]] = set()
 
 
 class InceptionFeatures(torch.nn.Module):

@@ -89,6 +89,10 @@ _CHECKPOINT_FILE = re.compile(
     r"|random_states_\d+\.pkl|custom_checkpoint_\d+\.pkl|scaler\.pt|" + re.escape(RUN_RECORD_NAME)
 )
 _SAMPLE_FILE = re.compile(r"step-\d+\.png")
+# what accelerate's TensorBoard tracker writes into logs/<project>: event files, and add_hparams' and accelerate's
+# folders named by time.time() holding an event file or hparams.yml
+_TRACKER_FILE = re.compile(r"events\.out\.tfevents\..+")
+_TRACKER_RUN_FOLDER = re.compile(r"\d+(\.\d+)?")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -500,10 +504,8 @@ class TrainingConfig:
             raise ValueError(
                 f"eval_num_samples must be at least 2 (a Fréchet distance), got {self.eval_num_samples}"
             )
-        if self.inception_weights is not None and self.evaluate:
-            from .evaluation import find_inception_weights
-
-            find_inception_weights(self.inception_weights)
+        # the Inception weights file (92 MB, hashed) is checked once per run, in train()'s setup, not on every
+        # construction of a config (the command line's, dataclasses.replace, a resumed run's)
         if self.guidance_scale != 1.0 and self.conditioning == "none":
             raise ValueError(
                 f"guidance_scale={self.guidance_scale} needs a class-conditional model, but conditioning='none'; "
@@ -836,8 +838,25 @@ def _run_files(root: Path) -> list[Path]:
     if samples.is_dir():
         found += sorted(path for path in samples.iterdir() if _SAMPLE_FILE.fullmatch(path.name))
     found += [root / DEBUG_FOLDER / name for name in _DEBUG_FILES if (root / DEBUG_FOLDER / name).is_file()]
-    if (root / LOGS_FOLDER / _TRACKER_PROJECT).is_dir():
-        found.append(root / LOGS_FOLDER / _TRACKER_PROJECT)
+    found += _tracker_files(root / LOGS_FOLDER / _TRACKER_PROJECT)
+    return found
+
+
+def _tracker_files(folder: Path) -> list[Path]:
+    """The files in ``folder`` (``logs/<project>``) at names the TensorBoard tracker writes (anything else there is
+    not ours, and ``--overwrite`` leaves it)."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file() and _TRACKER_FILE.fullmatch(entry.name):
+            found.append(entry)
+        elif entry.is_dir() and _TRACKER_RUN_FOLDER.fullmatch(entry.name):
+            found += [
+                path
+                for path in sorted(entry.iterdir())
+                if path.is_file() and (_TRACKER_FILE.fullmatch(path.name) or path.name == "hparams.yml")
+            ]
     return found
 
 
@@ -983,9 +1002,19 @@ def _remove_run(folder: _OutputFolder) -> None:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
-    for name in (SAMPLES_FOLDER, DEBUG_FOLDER, LOGS_FOLDER):
+    tracker = folder.path / LOGS_FOLDER / _TRACKER_PROJECT
+    leftovers = (
+        [path for path in tracker.iterdir() if path.is_dir() and _TRACKER_RUN_FOLDER.fullmatch(path.name)]
+        if tracker.is_dir()
+        else []
+    )
+    for path in [
+        *leftovers,
+        tracker,
+        *(folder.path / name for name in (SAMPLES_FOLDER, DEBUG_FOLDER, LOGS_FOLDER)),
+    ]:
         with contextlib.suppress(OSError):  # only when nothing else is left in it
-            (folder.path / name).rmdir()
+            path.rmdir()
 
 
 # ------------------------------------------------------------------------------------------ resuming
@@ -1459,6 +1488,7 @@ def evaluate_during_training(
     device: torch.device,
     stop: Callable[[], bool] | None = None,
     accelerator: Any = None,
+    cache: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """The numbers of an evaluation during (or at the end of) training, for the EMA ``unet``.
 
@@ -1467,11 +1497,17 @@ def evaluate_during_training(
       held-out test split, or on up to 256 training images of a folder (then a training-set number);
     - ``eval_fd``: on 8×8 digits only, the digits FD of ``eval_num_samples`` samples (balanced class labels for a
       class-conditional model; ``eval_inference_steps`` steps of the model's own scheduler) against the test split;
+    - ``eval_fd_few_steps`` / ``eval_fid_few_steps``: the same at ``eval_few_steps`` steps (unless 0 or equal);
     - ``eval_fid``: on a folder dataset with ``inception_weights``, the FID of as many samples against those
       training images.
 
     With an ``accelerator`` of several processes, call it on every process: the samples are drawn by all of them
     (each its share, :func:`sample_shared`); the numbers are computed on the main process (others return ``{}``).
+
+    ``cache``: a dict kept across the evaluations of one run (empty at first), which then holds the reference
+    images and the :class:`~ddpm_components.evaluation.SampleQuality` built on them: the feature network (the
+    digits classifier, or Inception-V3 from its 92 MB file) is loaded and the reference features are computed
+    once per run instead of at every evaluation.
     """
     import torch
 
@@ -1491,15 +1527,20 @@ def evaluate_during_training(
             )
     if (accelerator is not None and not accelerator.is_main_process) or (stop is not None and stop()):
         return {}
-    if digits:
-        images, labels = reference_digits("test")
-    else:
-        if hasattr(dataset, "head"):  # a streamed dataset: its first rows
-            items = dataset.head(256)
+    cache = {} if cache is None else cache
+    if "reference" not in cache:
+        if digits:
+            cache["reference"] = reference_digits("test")
         else:
-            items = [dataset[index] for index in range(min(len(dataset), 256))]
-        images = torch.stack([item["pixel_values"] for item in items])
-        labels = torch.stack([torch.as_tensor(item["class_labels"]) for item in items])
+            if hasattr(dataset, "head"):  # a streamed dataset: its first rows
+                items = dataset.head(256)
+            else:
+                items = [dataset[index] for index in range(min(len(dataset), 256))]
+            cache["reference"] = (
+                torch.stack([item["pixel_values"] for item in items]),
+                torch.stack([torch.as_tensor(item["class_labels"]) for item in items]),
+            )
+    images, labels = cache["reference"]
     bound = bits_per_dim_estimate(
         unet,
         scheduler,
@@ -1510,10 +1551,14 @@ def evaluate_during_training(
     )
     numbers = {"eval_bpd": bound.total, "eval_bpd_stderr": bound.stderr}
     if samples is not None:
-        quality = SampleQuality(images.cpu(), [metric], inception_weights=config.inception_weights)
-        numbers[f"eval_{metric}"] = quality(samples)[metric]
+        if cache.get("quality_metric") != metric:
+            cache["quality"] = SampleQuality(
+                images.cpu(), [metric], inception_weights=config.inception_weights
+            )
+            cache["quality_metric"] = metric
+        numbers[f"eval_{metric}"] = cache["quality"](samples)[metric]
         if few_step_samples is not None:
-            numbers[f"eval_{metric}_few_steps"] = quality(few_step_samples)[metric]
+            numbers[f"eval_{metric}_few_steps"] = cache["quality"](few_step_samples)[metric]
     return numbers
 
 
@@ -1901,6 +1946,55 @@ def _learning_rate_schedule(config: TrainingConfig, optimizer: Any, start_step: 
     )
 
 
+def _plain_gradients(accelerator: Any) -> bool:
+    """True when gradients are plain tensors that :func:`_clip_grad_norm` may clip itself (no FSDP, DeepSpeed or XLA,
+    whose clipping accelerate delegates to them)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type not in (
+        DistributedType.FSDP,
+        DistributedType.DEEPSPEED,
+        DistributedType.XLA,
+    )
+
+
+def _clip_grad_norm(
+    accelerator: Any, parameters: list[torch.Tensor], max_norm: float, plain: bool
+) -> torch.Tensor | None:
+    """``accelerator.clip_grad_norm_(parameters, max_norm)``: the total gradient norm before clipping (None where
+    unavailable). With ``plain`` gradients of one device and dtype, the same computation as torch's
+    ``clip_grad_norm_`` (foreach norms, their norm, one foreach multiply by ``min(max_norm / (norm + 1e-6), 1)``),
+    without its per-call grouping and wrappers, which cost as much again on the digits model (measured)."""
+    import torch
+
+    if plain:
+        grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
+        if grads and all(grad.device == grads[0].device and grad.dtype == grads[0].dtype for grad in grads):
+            accelerator.unscale_gradients()  # fp16: the scaler's unscale (a no-op otherwise)
+            with torch.no_grad():
+                total_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+                torch._foreach_mul_(grads, torch.clamp(float(max_norm) / (total_norm + 1e-6), max=1.0))
+            return total_norm
+    norm = accelerator.clip_grad_norm_(parameters, max_norm)
+    return norm if isinstance(norm, torch.Tensor) else None
+
+
+def _ema_step(ema: Any, parameters: list[torch.Tensor], fused: bool) -> None:
+    """``ema.step(parameters)`` (diffusers' ``EMAModel``); with ``fused`` (foreach, every parameter trainable, no
+    DeepSpeed) in one ``torch._foreach_lerp_``: ``s + (1 - decay) (p - s)`` instead of its
+    ``s - (1 - decay) (s - p)`` through a temporary copy of the weights (equal up to float rounding)."""
+    import torch
+
+    if not fused:
+        ema.step(parameters)
+        return
+    ema.optimization_step += 1
+    decay = ema.get_decay(ema.optimization_step)
+    ema.cur_decay_value = decay
+    with torch.no_grad():
+        torch._foreach_lerp_(ema.shadow_params, parameters, 1 - decay)
+
+
 def _cycle_batches(
     dataloader: Any, accelerator: Any, start_batch: int
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -1999,6 +2093,8 @@ class _TrainLoop:
         self.phase = "training"
         self.last_loss = math.nan
         self.pusher: _BackgroundPush | None = None  # --hub-push-every: uploads of periodic saves
+        # the evaluations' reference images and SampleQuality (feature network, reference features), made once
+        self.evaluation_cache: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -2011,6 +2107,10 @@ class _TrainLoop:
             self.output_dir = check_save_directory(config.output_dir)
         except ValueError as error:
             raise ValueError(f"--output-dir: {error}") from None
+        if config.inception_weights is not None and config.evaluate:
+            from .evaluation import find_inception_weights
+
+            find_inception_weights(config.inception_weights)  # once per run: it hashes the 92 MB file
         for flag, folder in (
             ("--train-data-dir", config.train_data_dir),
             ("--dataset-name", config.dataset_name),
@@ -2132,6 +2232,16 @@ class _TrainLoop:
             generator=None if self.streaming else torch.Generator().manual_seed(config.seed),
         )
         self.model, self.optimizer, self.dataloader = accelerator.prepare(unet, optimizer, dataloader)
+        # listed once (the same tensors all run: checkpoints load into them): for clipping and the EMA every step
+        self.parameters = list(self.model.parameters())
+        self.unwrapped_parameters = list(accelerator.unwrap_model(self.model).parameters())
+        self.plain_gradients = _plain_gradients(accelerator)
+        self.fused_ema = (
+            self.ema is not None
+            and self.ema.foreach
+            and self.plain_gradients
+            and all(parameter.requires_grad for parameter in self.unwrapped_parameters)
+        )
         if self.ema is not None:
             self.ema.to(accelerator.device)
             accelerator.register_for_checkpointing(self.ema)
@@ -2307,8 +2417,6 @@ class _TrainLoop:
 
     def run_step(self, micro_step: int, batch: dict[str, torch.Tensor]) -> bool:
         """Forward, backward and (when the accumulation is complete) an optimizer step; True after the latter."""
-        import torch
-
         config, accelerator = self.config, self.accelerator
         if config.debug_record:
             self._record_indices(micro_step, batch)
@@ -2319,8 +2427,10 @@ class _TrainLoop:
             if (
                 accelerator.sync_gradients
             ):  # the norm before clipping, logged (max_grad_norm 0: measured only)
-                norm = accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm or math.inf)
-                self.window.add_grad_norm(norm if isinstance(norm, torch.Tensor) else None)
+                norm = _clip_grad_norm(
+                    accelerator, self.parameters, config.max_grad_norm or math.inf, self.plain_gradients
+                )
+                self.window.add_grad_norm(norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.window.add(terms)
@@ -2332,7 +2442,7 @@ class _TrainLoop:
         )
         self.lr_scheduler.step()
         if self.ema is not None:
-            self.ema.step(accelerator.unwrap_model(self.model).parameters())
+            _ema_step(self.ema, self.unwrapped_parameters, self.fused_ema)
         self.progress.global_step += 1
         return True
 
@@ -2504,6 +2614,7 @@ class _TrainLoop:
             self.accelerator.device,
             self.stop.requested,
             self.accelerator,
+            self.evaluation_cache,
         )
 
     def _evaluation_for_card(self, numbers: dict[str, float]) -> dict[str, str]:

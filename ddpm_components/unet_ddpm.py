@@ -125,6 +125,20 @@ class TimestepMLP(nn.Module):
         return self.linear_2(F.silu(self.linear_1(embedding)))
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose mask is drawn in the contiguous (NCHW) order of the elements whatever the input's memory
+    layout: a channels-last activation gets the same mask, from the same random state, as the contiguous one, so the
+    channels-last computation on CPU (see :meth:`DDPMUNet2DModel.forward`) trains exactly as the contiguous one did.
+    Otherwise torch's own dropout (the same steps: Bernoulli(1 - p) noise, divided by 1 - p, times the input)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training or not 0.0 < self.p < 1.0 or self.inplace or input.is_contiguous():
+            return super().forward(input)
+        keep = 1.0 - self.p
+        noise = torch.empty(input.shape, dtype=input.dtype, device=input.device).bernoulli_(keep).div_(keep)
+        return input * noise.contiguous(memory_format=torch.channels_last)
+
+
 class ResnetBlock(nn.Module):
     """Residual block: GroupNorm, SiLU, conv3x3, + time embedding, GroupNorm, SiLU, dropout, conv3x3.
 
@@ -149,7 +163,7 @@ class ResnetBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels * (2 if self.scale_shift else 1))
         self.norm2 = nn.GroupNorm(norm_num_groups, out_channels, eps=norm_eps)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.conv_shortcut = (
             nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
@@ -551,6 +565,12 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
         activated_emb = F.silu(emb)
 
         hidden = self.conv_in(sample)
+        if hidden.device.type == "cpu" and torch.is_grad_enabled() and self.conv_in.weight.requires_grad:
+            # training on CPU: oneDNN's convolutions and their gradients are faster on channels-last activations
+            # (measured: about 5% of a training step of the digits model; no difference for the CIFAR-10 model's;
+            # 10% slower for CIFAR-10 sampling at batch 1, hence only when the weights take gradients). The input
+            # has too few channels to carry the layout, so it starts here; the output is returned contiguous.
+            hidden = hidden.contiguous(memory_format=torch.channels_last)
         skips = [hidden]
         for level in self.down_blocks:
             for index, resnet in enumerate(level.resnets):
@@ -575,7 +595,7 @@ class DDPMUNet2DModel(ModelMixin, ConfigMixin):
             if level.upsample is not None:
                 hidden = level.upsample(hidden)
 
-        out = self.conv_out(F.silu(self.conv_norm_out(hidden)))
+        out = self.conv_out(F.silu(self.conv_norm_out(hidden))).contiguous()
         if not return_dict:
             return (out,)
         return DDPMUNet2DOutput(sample=out)

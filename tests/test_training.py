@@ -553,6 +553,107 @@ def test_folder_data_gets_an_fid_with_inception_weights(tmp_path, capsys, monkey
     assert "FID (Inception-V3), 6 samples" in (tmp_path / "run" / "README.md").read_text()
 
 
+def test_one_inception_check_and_one_sample_quality_per_run(tmp_path, monkeypatch):
+    """The Inception weights file (92 MB) is hashed once per run, not at every construction of the config (the
+    command line's, train()'s, the epoch conversion's) nor at every evaluation; all the evaluations of a run share one
+    SampleQuality (one feature network, reference features computed once). Stand-ins: a small file whose SHA-256
+    prefix is made the expected one, and a network that checks its weights as InceptionFeatures does."""
+    import hashlib
+    import sys
+    import types
+
+    import ddpm_components.evaluation as evaluation
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for index in range(12):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
+            tmp_path / "images" / f"{index}.png"
+        )
+    weights = tmp_path / "stand-in.pth"
+    weights.write_bytes(b"not the Inception weights")
+    monkeypatch.setattr(
+        evaluation, "_INCEPTION_SHA256_PREFIX", hashlib.sha256(weights.read_bytes()).hexdigest()[:8]
+    )
+    import torchmetrics.image.fid  # noqa: F401  (imported first: it checks whether torch_fidelity is installed)
+
+    monkeypatch.setitem(sys.modules, "torch_fidelity", types.ModuleType("torch_fidelity"))
+    hashes, qualities, networks = [], [], []
+    real_sha256, real_quality = hashlib.sha256, evaluation.SampleQuality
+
+    def counting_sha256(*args, **kwargs):
+        if sys._getframe(1).f_globals.get("__name__") == evaluation.__name__:
+            hashes.append(1)
+        return real_sha256(*args, **kwargs)
+
+    class CountedQuality(real_quality):
+        def __init__(self, *args, **kwargs) -> None:
+            qualities.append(1)
+            super().__init__(*args, **kwargs)
+
+    class StandIn(torch.nn.Module):
+        num_features = 4
+
+        def __init__(self, weights) -> None:
+            super().__init__()
+            evaluation.find_inception_weights(weights)  # as InceptionFeatures does
+            networks.append(1)
+            self.projection = torch.randn(3 * 8 * 8, 4, generator=torch.Generator().manual_seed(0))
+
+        def forward(self, images):
+            return images.reshape(images.shape[0], -1).float() @ self.projection
+
+    monkeypatch.setattr(hashlib, "sha256", counting_sha256)
+    monkeypatch.setattr(evaluation, "SampleQuality", CountedQuality)
+    monkeypatch.setattr(evaluation, "InceptionFeatures", StandIn)
+    flags = [
+        "--train-data-dir",
+        str(tmp_path / "images"),
+        "--resolution",
+        "8",
+        "--block-out-channels",
+        "8,16",
+    ]
+    flags += ["--layers-per-block", "1", "--train-batch-size", "4", "--num-inference-steps", "2"]
+    flags += ["--num-train-timesteps", "20", "--num-epochs", "1", "--eval-every-steps", "1"]
+    flags += ["--eval-num-samples", "4", "--eval-inference-steps", "2", "--checkpointing-steps", "0"]
+    flags += ["--inception-weights", str(weights)]
+    assert main(["train", "--output-dir", str(tmp_path / "run"), *flags]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records if "eval_fid" in record] == [1, 2, 3]
+    assert len(hashes) == 1 and len(networks) == 1 and len(qualities) == 1
+
+
+def test_digits_evaluations_share_one_sample_quality(tmp_path, monkeypatch):
+    """On the digits, the evaluations of a run share one SampleQuality: the digits classifier is loaded and the
+    reference features are computed once, not at every evaluation."""
+    import ddpm_components.evaluation as evaluation
+
+    classifiers = []
+    real_features = evaluation._DigitsFeatures
+
+    class CountedFeatures(real_features):
+        def __init__(self) -> None:
+            classifiers.append(1)
+            super().__init__()
+
+    monkeypatch.setattr(evaluation, "_DigitsFeatures", CountedFeatures)
+    config = tiny_config(
+        tmp_path / "run",
+        max_train_steps=3,
+        evaluate=True,
+        eval_every_steps=1,
+        eval_num_samples=4,
+        eval_inference_steps=2,
+        eval_bpd_timesteps=2,
+        checkpointing_steps=0,
+    )
+    train(config)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records if "eval_fd" in record] == [1, 2, 3]
+    assert len(classifiers) == 1
+
+
 def test_periodic_saves_leave_a_loadable_pipeline_during_training(tmp_path, monkeypatch):
     """--save-model-steps 2 of 5: the EMA pipeline is saved at steps 2 and 4 and at the end; the save of step 2
     loads with diffusers' DiffusionPipeline and samples, and the checkpoints are untouched."""

@@ -360,6 +360,24 @@ def test_overwrite_deletes_exactly_the_previous_runs_files(tmp_path):
     assert json.loads((folder / "checkpoint-2" / "run.json").read_text())["run_id"] == new_id
 
 
+def test_overwrite_keeps_files_of_others_in_the_tracker_folder(tmp_path):
+    """--overwrite deletes the TensorBoard files of the previous run in logs/ddpm-components/ (event files, the
+    hparams folders), not the folder with whatever else it holds: a file we did not write is never deleted."""
+    folder = tmp_path / "run"
+    train(tiny_config(folder, max_train_steps=2, checkpointing_steps=0, report_to="tensorboard"))
+    tracker = folder / "logs" / "ddpm-components"
+    written = [path for path in tracker.rglob("*") if path.is_file()]
+    assert any(path.name.startswith("events.out.tfevents.") for path in written)
+    (tracker / "notes.txt").write_text("mine")
+    (tracker / "analysis").mkdir()
+    (tracker / "analysis" / "events.out.tfevents.mine").write_text("mine too")
+    train(tiny_config(folder, max_train_steps=2, checkpointing_steps=0, overwrite=True))
+    assert (tracker / "notes.txt").read_text() == "mine"
+    assert (tracker / "analysis" / "events.out.tfevents.mine").read_text() == "mine too"
+    assert not any(path.exists() for path in written)
+    assert sorted(path.name for path in tracker.iterdir()) == ["analysis", "notes.txt"]
+
+
 def test_a_run_keeps_unrelated_user_files_and_folder_modes(tmp_path):
     # today: o/unet/important.txt was deleted by the final save and the folder became mode 0700
     folder = tmp_path / "o"
