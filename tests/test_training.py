@@ -508,6 +508,19 @@ def test_evaluation_during_and_after_training(tmp_path, capsys):
         TrainingConfig(**{**TINY, "evaluate": True, "eval_inference_steps": 60})
 
 
+def _tiny_folder_flags(tmp_path: Path) -> list[str]:
+    """``train`` flags for a tiny model on the 8×8 RGB images in ``tmp_path / "images"``."""
+    flags = [
+        "--train-data-dir",
+        str(tmp_path / "images"),
+        "--resolution",
+        "8",
+        "--block-out-channels",
+        "8,16",
+    ]
+    return [*flags, "--layers-per-block", "1", "--train-batch-size", "4", "--num-inference-steps", "2"]
+
+
 def test_folder_data_gets_an_fid_with_inception_weights(tmp_path, capsys, monkeypatch):
     """With --inception-weights a folder dataset's evaluation adds the FID (a stand-in network here: the real
     weights cannot be downloaded in tests); a missing weights file fails before training, in one line."""
@@ -519,15 +532,7 @@ def test_folder_data_gets_an_fid_with_inception_weights(tmp_path, capsys, monkey
         Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
             tmp_path / "images" / f"{index}.png"
         )
-    flags = [
-        "--train-data-dir",
-        str(tmp_path / "images"),
-        "--resolution",
-        "8",
-        "--block-out-channels",
-        "8,16",
-    ]
-    flags += ["--layers-per-block", "1", "--train-batch-size", "4", "--num-inference-steps", "2"]
+    flags = _tiny_folder_flags(tmp_path)
     flags += ["--num-train-timesteps", "20", "--max-train-steps", "2", "--eval-num-samples", "6"]
     flags += ["--eval-inference-steps", "2", "--checkpointing-steps", "0", "--inception-weights"]
     code = main(["train", "--output-dir", str(tmp_path / "refused"), *flags, str(tmp_path / "missing.pth")])
@@ -606,15 +611,7 @@ def test_one_inception_check_and_one_sample_quality_per_run(tmp_path, monkeypatc
     monkeypatch.setattr(hashlib, "sha256", counting_sha256)
     monkeypatch.setattr(evaluation, "SampleQuality", CountedQuality)
     monkeypatch.setattr(evaluation, "InceptionFeatures", StandIn)
-    flags = [
-        "--train-data-dir",
-        str(tmp_path / "images"),
-        "--resolution",
-        "8",
-        "--block-out-channels",
-        "8,16",
-    ]
-    flags += ["--layers-per-block", "1", "--train-batch-size", "4", "--num-inference-steps", "2"]
+    flags = _tiny_folder_flags(tmp_path)
     flags += ["--num-train-timesteps", "20", "--num-epochs", "1", "--eval-every-steps", "1"]
     flags += ["--eval-num-samples", "4", "--eval-inference-steps", "2", "--checkpointing-steps", "0"]
     flags += ["--inception-weights", str(weights)]
