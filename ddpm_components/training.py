@@ -412,7 +412,10 @@ class TrainingConfig:
     )
     eval_few_steps: int = field(
         default=10,
-        metadata={"help": "the evaluation also measures the samples' FD at this few-step count (0: not)"},
+        metadata={
+            "help": "the evaluation also measures the samples' FD at this few-step count, at most "
+            "num_train_timesteps (0: not)"
+        },
     )
     eval_bpd_timesteps: int | None = field(
         default=None,
