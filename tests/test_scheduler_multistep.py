@@ -178,3 +178,25 @@ def test_pipeline_with_multistep_samples_and_inpaints():
     ).images
     assert torch.isfinite(result).all()
     assert (result[..., :4, :] - image[..., :4, :]).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_compiled_multistep_step_compiles_twice_and_equals_eager():
+    """torch.compile(step, fullgraph=True) with multistep_order=2: one graph for a chain's first step (no history)
+    and one for every later step (a third compilation would raise), equal to eager (1e-5)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled_scheduler = DDPMScheduler(multistep_order=2, timestep_spacing="trailing")
+    eager = DDPMScheduler(multistep_order=2, timestep_spacing="trailing")
+    compiled_scheduler.set_timesteps(10)
+    eager.set_timesteps(10)
+    compiled = torch.compile(compiled_scheduler.step, fullgraph=True)
+    generator = torch.Generator().manual_seed(0)
+    x = y = torch.randn(2, 1, 4, 4, generator=generator)
+    for i, t in enumerate(eager.timesteps):
+        output = torch.randn(2, 1, 4, 4, generator=generator).tanh()
+        noise = torch.randn(2, 1, 4, 4, generator=generator)
+        with torch._dynamo.config.patch(error_on_recompile=i >= 2):
+            x = compiled(output, t, x, variance_noise=noise, return_dict=False)[0]
+        y = eager.step(output, t, y, variance_noise=noise).prev_sample
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
