@@ -914,11 +914,9 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             prev >= 0, alphas_cumprod[prev.clamp(min=0)], torch.ones((), dtype=torch.float64)
         )
         coefficients = _reverse_step_coefficients(alphas_cumprod[t], alphas_cumprod_prev, self.config.eta)
-        columns = self._step_columns(coefficients, t)._replace(
-            multistep_weight=_multistep_weights(alphas_cumprod[t], alphas_cumprod_prev),
-            chain_previous_timestep=torch.cat([torch.full((1,), float("nan")), t[:-1].double()]),
+        table = torch.stack(
+            self._step_columns(coefficients, t, alphas_cumprod[t], alphas_cumprod_prev), dim=1
         )
-        table = torch.stack(columns, dim=1)
 
         index_of = [-1] * num_train
         for i, value in enumerate(kept):
@@ -939,9 +937,16 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
         # Fill the cache ahead of time so a compiled step never sees it change (that would recompile).
         self._step_tables(self.timesteps.device, torch.float32)
 
-    def _step_columns(self, coefficients: ReverseStepCoefficients, timesteps: torch.Tensor) -> StepColumns:
+    def _step_columns(
+        self,
+        coefficients: ReverseStepCoefficients,
+        timesteps: torch.Tensor,
+        alphas_cumprod: torch.Tensor,
+        alphas_cumprod_prev: torch.Tensor,
+    ) -> StepColumns:
         """The step table's columns (float64, one entry per step) from the chain's reverse-step coefficients at
-        the chain's (descending) ``timesteps``."""
+        the chain's (descending) ``timesteps``, whose ᾱ are ``alphas_cumprod``, each stepping to
+        ``alphas_cumprod_prev`` (ᾱ of the next one, 1 after the last)."""
         noise_mask = (timesteps > 0).to(torch.float64)
         # Eq. 7: β̃'_t (η² β̃'_t, DDIM Eq. 16), floored as diffusers does before its log (only t = 0 of the full
         # schedule has β̃ = 0).
@@ -972,8 +977,8 @@ class DDPMScheduler(SchedulerMixin, ConfigMixin):
             log_variance_midpoint=midpoint,
             log_variance_half_range=half_range,
             noise_mask=noise_mask,
-            multistep_weight=torch.zeros_like(noise_mask),  # filled in by _build_step_tables
-            chain_previous_timestep=torch.zeros_like(noise_mask),
+            multistep_weight=_multistep_weights(alphas_cumprod, alphas_cumprod_prev),
+            chain_previous_timestep=torch.cat([torch.full((1,), float("nan")), timesteps[:-1].double()]),
         )
 
     def _original_variance_bound(self) -> float | None:
