@@ -1609,26 +1609,19 @@ def _evaluation_for_card(config: TrainingConfig, numbers: dict[str, float]) -> d
     steps, timesteps = evaluation_steps(config)
     digits = config.train_data_dir is None and config.dataset_name is None
     data = "the digits' held-out test split" if digits else "training images"
-    if "eval_fd" in numbers:
-        rows[
-            f"digits FD, {config.eval_num_samples} samples, {steps} steps of the model's scheduler, vs the digits' "
-            "held-out test split (lower is better)"
-        ] = f"{numbers['eval_fd']:.2f}"
-    if "eval_fd_few_steps" in numbers:
-        rows[
-            f"digits FD, {config.eval_num_samples} samples, {evaluation_few_steps(config)} steps of the model's "
-            "scheduler (few steps)"
-        ] = f"{numbers['eval_fd_few_steps']:.2f}"
-    if "eval_fid" in numbers:
-        rows[
-            f"FID (Inception-V3), {config.eval_num_samples} samples, {steps} steps of the model's scheduler, vs up "
-            "to 256 training images (lower is better)"
-        ] = f"{numbers['eval_fid']:.2f}"
-    if "eval_fid_few_steps" in numbers:
-        rows[
-            f"FID (Inception-V3), {config.eval_num_samples} samples, {evaluation_few_steps(config)} steps of the "
-            "model's scheduler (few steps)"
-        ] = f"{numbers['eval_fid_few_steps']:.2f}"
+    for key, title, reference in (
+        ("eval_fd", "digits FD", "vs the digits' held-out test split"),
+        ("eval_fid", "FID (Inception-V3)", "vs up to 256 training images"),
+    ):
+        what = f"{title}, {config.eval_num_samples} samples"
+        if key in numbers:
+            rows[f"{what}, {steps} steps of the model's scheduler, {reference} (lower is better)"] = (
+                f"{numbers[key]:.2f}"
+            )
+        if f"{key}_few_steps" in numbers:
+            rows[f"{what}, {evaluation_few_steps(config)} steps of the model's scheduler (few steps)"] = (
+                f"{numbers[f'{key}_few_steps']:.2f}"
+            )
     rows[f"bits/dim on {data} (unbiased estimate from {timesteps} timesteps per image)"] = (
         f"{numbers['eval_bpd']:.3f} ± {numbers['eval_bpd_stderr']:.3f}"
     )
