@@ -17,6 +17,7 @@ median images/s, the ratio to the baseline (above 1: faster than the baseline) a
     python benchmarks/bench_training.py --quick            # fewer steps, one repetition
     python benchmarks/bench_training.py --threads 1 --clock cpu   # steadier on a shared machine
     python benchmarks/bench_training.py --device cuda      # GPU rows
+    python benchmarks/bench_training.py --mixed-precision bf16   # every row under bfloat16 autocast
 """
 
 from __future__ import annotations
@@ -73,8 +74,10 @@ def _plain_loop(row: str, args: argparse.Namespace) -> float:
         noise = torch.randn_like(original)
         timesteps = torch.randint(0, 1000, (args.batch_size,), device=device)
         noisy = scheduler.add_noise(original, noise, timesteps)
-        prediction = unet(noisy, timesteps, class_labels=labels[index]).sample
-        loss = F.mse_loss(prediction, noise)
+        # --mixed-precision bf16: autocast around the forward, as accelerate does for train_unconditional.py
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16"):
+            prediction = unet(noisy, timesteps, class_labels=labels[index]).sample
+        loss = F.mse_loss(prediction.float(), noise)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -101,6 +104,7 @@ def _our_train(args: argparse.Namespace) -> float:
             num_inference_steps=1,
             samples_per_class=1,
             cpu_threads=torch.get_num_threads(),  # the same threads as the other rows (not train()'s auto choice)
+            mixed_precision=args.mixed_precision,
         )
         train(config)
         with open(os.path.join(folder, "metrics.jsonl")) as handle:
@@ -140,6 +144,12 @@ def main() -> None:
         choices=["wall", "cpu"],
         help="wall: elapsed time; cpu: the process's CPU time (steadier on a shared machine, CPU only)",
     )
+    parser.add_argument(
+        "--mixed-precision",
+        default="no",
+        choices=["no", "bf16"],
+        help="bf16: every row under bfloat16 autocast (accelerate's --mixed_precision bf16); fast on CPUs with AMX",
+    )
     parser.add_argument("--quick", action="store_true", help="--steps 10 --repeats 1")
     parser.add_argument(
         "--row", choices=ROWS, help=argparse.SUPPRESS
@@ -165,7 +175,7 @@ def main() -> None:
         str(args.resolution),
     ]
     forwarded += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    forwarded += ["--clock", args.clock]
+    forwarded += ["--clock", args.clock, "--mixed-precision", args.mixed_precision]
     for repeat in range(args.repeats):
         for row in ROWS:
             output = subprocess.run(
@@ -189,7 +199,7 @@ def main() -> None:
         f"\ntraining throughput, digits preset ({args.resolution}x{args.resolution}, class-conditional), "
         f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup}, median of {args.repeats}; "
         f"device {args.device} ({device_name}), torch threads {args.threads or torch.get_num_threads()}, "
-        f"{args.clock} clock"
+        f"{args.clock} clock, mixed precision {args.mixed_precision}"
     )
     baseline = statistics.median(r["images_per_second"] for r in results["diffusers-loop"])
     header = f"{'row':<24} {'images/s':>10} {'vs diffusers':>13} {'peak MiB':>10}"

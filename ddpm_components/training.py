@@ -315,7 +315,10 @@ class TrainingConfig:
     )
     ema_power: float = field(default=0.75, metadata={"help": "EMA warm-up power"})
     mixed_precision: MixedPrecision = field(
-        default="no", metadata={"help": "mixed precision (fp16 needs a GPU; bf16 is slow on most CPUs)"}
+        default="no",
+        metadata={
+            "help": "mixed precision (fp16 needs a GPU; bf16 on CPU is fast only with AMX: Xeon 4th gen+)"
+        },
     )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute activations in the backward pass to save memory"}
@@ -1505,7 +1508,8 @@ def evaluate_during_training(
       training images.
 
     With an ``accelerator`` of several processes, call it on every process: the samples are drawn by all of them
-    (each its share, :func:`sample_shared`); the numbers are computed on the main process (others return ``{}``).
+    (each its share, :func:`sample_shared`), and so is the bits/dim estimate (each its share of the images,
+    :func:`_bits_per_dim_shared`); the numbers are computed on the main process (others return ``{}``).
 
     ``cache``: a dict kept across the evaluations of one run (empty at first), which then holds the reference
     images and the :class:`~ddpm_components.evaluation.SampleQuality` built on them: the feature network (the
@@ -1515,7 +1519,7 @@ def evaluate_during_training(
     import torch
 
     from .data import DigitsDataset
-    from .evaluation import SampleQuality, bits_per_dim_estimate, reference_digits
+    from .evaluation import SampleQuality, reference_digits
 
     digits = isinstance(dataset, DigitsDataset) and dataset.resolution == 8
     metric = "fd" if digits else ("fid" if config.inception_weights is not None else None)
@@ -1528,7 +1532,10 @@ def evaluate_during_training(
             few_step_samples = _evaluation_samples(
                 unet, scheduler, config, num_classes, few_steps, stop, accelerator
             )
-    if (accelerator is not None and not accelerator.is_main_process) or (stop is not None and stop()):
+    several = accelerator is not None and accelerator.num_processes > 1
+    if (
+        stop is not None and stop() and not several
+    ):  # with several processes, every one takes part in the gathers
         return {}
     cache = {} if cache is None else cache
     if "reference" not in cache:
@@ -1544,15 +1551,18 @@ def evaluate_during_training(
                 torch.stack([torch.as_tensor(item["class_labels"]) for item in items]),
             )
     images, labels = cache["reference"]
-    bound = bits_per_dim_estimate(
+    total, stderr = _bits_per_dim_shared(
         unet,
         scheduler,
         images.to(device),
         labels if num_classes is not None else None,
-        num_timesteps=timesteps,
-        generator=torch.Generator().manual_seed(config.seed),
+        timesteps,
+        config.seed,
+        accelerator,
     )
-    numbers = {"eval_bpd": bound.total, "eval_bpd_stderr": bound.stderr}
+    if accelerator is not None and not accelerator.is_main_process:
+        return {}
+    numbers = {"eval_bpd": total, "eval_bpd_stderr": stderr}
     if samples is not None:
         if cache.get("quality_metric") != metric:
             cache["quality"] = SampleQuality(
@@ -1563,6 +1573,53 @@ def evaluate_during_training(
         if few_step_samples is not None:
             numbers[f"eval_{metric}_few_steps"] = cache["quality"](few_step_samples)[metric]
     return numbers
+
+
+def _bits_per_dim_shared(
+    unet: Any,
+    scheduler: Any,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    num_timesteps: int,
+    seed: int,
+    accelerator: Any = None,
+) -> tuple[float, float]:
+    """The K-timestep bits/dim estimate (:func:`~ddpm_components.evaluation.bits_per_dim_estimate`) of ``images`` and
+    its standard error, computed by all processes of ``accelerator`` in parallel (each its share of the images, with
+    its own generator seeded ``seed``) and combined from the gathered per-image values on every process. With one
+    process this is the estimate over all images with one generator seeded ``seed``. A ``FloatingPointError`` on any
+    process is raised on every process, after the gather."""
+    import math
+
+    import torch
+
+    from .evaluation import bits_per_dim_estimate
+
+    share = _share(list(range(images.shape[0])), accelerator)
+    per_image, error = None, None
+    if share:
+        try:
+            per_image = bits_per_dim_estimate(
+                unet,
+                scheduler,
+                images[share],
+                None if labels is None else labels[share],
+                num_timesteps=num_timesteps,
+                generator=torch.Generator().manual_seed(seed),
+            ).per_image
+        except FloatingPointError as caught:
+            error = str(caught)
+    shards = [(per_image, error)]
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        shards = gather_object(shards)
+    errors = [error for _, error in shards if error is not None]
+    if errors:
+        raise FloatingPointError(errors[0])
+    total = torch.cat([values for values, _ in shards if values is not None])
+    stderr = float(total.std() / math.sqrt(total.numel())) if total.numel() > 1 else float("nan")
+    return float(total.mean()), stderr
 
 
 def _evaluation_samples(
@@ -1799,7 +1856,7 @@ def _build_accelerator(config: TrainingConfig, output_dir: Path) -> Any:
         ProjectConfiguration,
     )
 
-    return Accelerator(
+    accelerator = Accelerator(
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.process_group_timeout))],
         mixed_precision=config.mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -1814,6 +1871,23 @@ def _build_accelerator(config: TrainingConfig, output_dir: Path) -> Any:
         dynamo_backend="inductor" if config.torch_compile else "no",
         cpu=_distributed_without_accelerator(),
     )
+    _warn_if_bf16_is_slow_here(config, accelerator.device)
+    return accelerator
+
+
+def _warn_if_bf16_is_slow_here(config: TrainingConfig, device: torch.device) -> None:
+    """bf16 on CPU is fast only where the CPU multiplies bfloat16 matrices in hardware (AMX: Intel Xeon 4th generation
+    and later); elsewhere it is emulated and slower than float32: say so once, before training starts."""
+    if config.mixed_precision != "bf16" or device.type != "cpu":
+        return
+    import torch
+
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if has_amx is not None and not has_amx():
+        logger.warning(
+            "--mixed-precision bf16 on a CPU without AMX: bfloat16 matrix products are emulated here and usually "
+            "slower than float32 (--mixed-precision no)"
+        )
 
 
 def log_image_to_trackers(accelerator: Any, name: str, image: Any, step: int) -> None:
