@@ -690,11 +690,15 @@ class _DistillLoop(_TrainLoop):
     # ----------------------------------------------------------------------------- evaluation
     def _evaluation_numbers(self, unet: Any, step: int) -> dict[str, float]:
         """On 8×8 digits: the digits FD of ``eval_num_samples`` samples of the EMA student at its step count (the
-        round that ``step`` ended in), against the held-out test split; elsewhere only the step count."""
-        import torch
+        round that ``step`` ended in), against the held-out test split; elsewhere only the step count.
 
+        The samples are drawn as the saved pipeline draws them: :class:`DDPMPipeline` with the student's saved
+        scheduler (:func:`student_scheduler` at that step count, so with the multistep extrapolation where the
+        teacher's scheduler is ours), image ``i`` seeded from (``seed``, ``i``) as in training's evaluation."""
         from .data import DigitsDataset
         from .evaluation import SampleQuality, reference_digits
+        from .pipeline_ddpm import DDPMPipeline
+        from .training import sample_shared
 
         steps = self.rounds[self.round_at(max(step - 1, 0))].student_steps
         numbers: dict[str, float] = {"eval_steps": steps}
@@ -704,20 +708,22 @@ class _DistillLoop(_TrainLoop):
             "quality" not in self.evaluation_cache
         ):  # the digits classifier and reference features, once per run
             self.evaluation_cache["quality"] = SampleQuality(reference_digits("test")[0], ["fd"])
-        quality = self.evaluation_cache["quality"]
-        images = quality.reference
-        count = self.config.eval_num_samples
-        device = self.accelerator.device
-        generator = torch.Generator().manual_seed(self.config.seed)
-        noise = torch.randn((count, *images.shape[1:]), generator=generator).to(device)
-        labels = None
-        if self.num_classes is not None:
-            labels = (torch.arange(count) % self.num_classes).to(device)
-        samples = sample_on_grid(unet, self.grid(steps), noise, labels, stop=self.stop.requested)
+        scheduler = student_scheduler(
+            self.teacher_info.pipeline.scheduler, self.teacher_info.alphas_cumprod, steps
+        )
+        num_classes = self.num_classes
+        images = sample_shared(
+            DDPMPipeline(unet=unet, scheduler=scheduler),
+            list(range(self.config.eval_num_samples)),
+            None,
+            self.stop.requested,
+            seed=self.config.seed,
+            num_inference_steps=steps,
+            class_label_of=None if num_classes is None else (lambda index: index % num_classes),
+        )
         if self.stop.requested():
             return numbers
-        quantised = ((samples.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1.0
-        numbers["eval_fd"] = quality(quantised.cpu())["fd"]
+        numbers["eval_fd"] = self.evaluation_cache["quality"](images.float() / 127.5 - 1.0)["fd"]
         return numbers
 
     def _evaluation_for_card(self, numbers: dict[str, float]) -> dict[str, str]:

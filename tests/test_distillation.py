@@ -373,6 +373,16 @@ def test_bridge_round_truncated_snr_and_evaluations_during_distillation(teacher_
     assert all(r["loss"] is not None and r["loss"] >= 0 for r in records if "loss" in r)
     assert "steps (distilled)" in (output / "README.md").read_text()
     assert "pipe(num_inference_steps=2).images[0]" in (output / "README.md").read_text()
+    # the final evaluation samples as the saved pipeline does (its multistep scheduler, not first-order DDIM)
+    from ddpm_components import DDPMPipeline
+    from ddpm_components.evaluation import SampleQuality, reference_digits
+    from ddpm_components.training import sample_shared
+
+    saved = DDPMPipeline.from_pretrained(output)
+    assert saved.scheduler.config.multistep_order == 2
+    images = sample_shared(saved, list(range(20)), seed=0, num_inference_steps=2)
+    fd = SampleQuality(reference_digits("test")[0], ["fd"])(images.float() / 127.5 - 1.0)["fd"]
+    assert records[-1]["step"] == 4 and records[-1]["eval_fd"] == pytest.approx(fd, rel=1e-6)
 
 
 def test_ctrl_c_in_a_real_process_keeps_the_checkpoint_and_the_printed_command_finishes(
