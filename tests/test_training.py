@@ -686,3 +686,21 @@ def test_periodic_saves_leave_a_loadable_pipeline_during_training(tmp_path, monk
 
 def _only_the_pipeline(folder, names):
     return [name for name in names if name.startswith("checkpoint-") or name in ("samples", "logs")]
+
+
+def test_bf16_on_a_cpu_without_amx_warns_before_training(monkeypatch, caplog, tmp_path):
+    """bfloat16 is emulated (slower than float32) on CPUs without AMX: one warning; none with AMX or in float32."""
+    import logging
+
+    from ddpm_components.training import TrainingConfig, _warn_if_bf16_is_slow_here
+
+    cpu = torch.device("cpu")
+    bf16 = TrainingConfig(output_dir=str(tmp_path), mixed_precision="bf16")
+    with caplog.at_level(logging.WARNING, logger="ddpm_components.training"):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        _warn_if_bf16_is_slow_here(bf16, cpu)
+        _warn_if_bf16_is_slow_here(TrainingConfig(output_dir=str(tmp_path)), cpu)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+        _warn_if_bf16_is_slow_here(bf16, cpu)
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1 and "without AMX" in warnings[0] and "--mixed-precision no" in warnings[0]
