@@ -206,8 +206,10 @@ def _group_norm(norm: nn.GroupNorm, hidden_states: torch.Tensor) -> torch.Tensor
     ones (GroupNorm took 40% of a bf16 training step of the digits model), and float32 statistics are the usual
     mixed-precision practice anyway."""
     if _cpu_autocast_lower_precision(hidden_states):
+        weight = None if norm.weight is None else norm.weight.float()  # a bf16 model's weights too
+        bias = None if norm.bias is None else norm.bias.float()
         with torch.autocast("cpu", enabled=False):
-            return F.group_norm(hidden_states.float(), norm.num_groups, norm.weight, norm.bias, norm.eps)
+            return F.group_norm(hidden_states.float(), norm.num_groups, weight, bias, norm.eps)
     return norm(hidden_states)
 
 

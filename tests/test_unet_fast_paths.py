@@ -171,3 +171,13 @@ def test_cpu_autocast_runs_group_norm_and_attention_in_float32():
     assert seen["norm"] == torch.float32
     plain_norm = model.down_blocks[1].resnets[0].norm2
     torch.testing.assert_close(unet_ddpm._group_norm(plain_norm, h.float()), plain_norm(h.float()))
+
+
+def test_a_bfloat16_model_under_cpu_autocast_runs():
+    """Weights in bfloat16 (``from_pretrained(torch_dtype=torch.bfloat16)``) under CPU autocast: the float32
+    GroupNorm takes the bf16 weights too."""
+    model = make(torch.bfloat16).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, 7, class_labels=torch.tensor([1, 2])).sample
+    assert out.shape == x.shape and torch.isfinite(out.float()).all()
