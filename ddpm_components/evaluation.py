@@ -52,6 +52,7 @@ __all__ = [
     "find_inception_weights",
     "frechet_distance",
     "kernel_distance",
+    "mean_and_stderr",
     "precision_recall",
     "run_evaluation",
 ]
@@ -149,19 +150,26 @@ def _batches(num_images: int, batch_size: int) -> list[slice]:
     return [slice(start, min(start + batch_size, num_images)) for start in range(0, num_images, batch_size)]
 
 
+def mean_and_stderr(per_image: torch.Tensor) -> tuple[float, float]:
+    """The mean of a bound's per-image values and its standard error over images (sample standard deviation /
+    sqrt(n); NaN for a single image)."""
+    count = per_image.numel()
+    stderr = float(per_image.std(unbiased=True) / math.sqrt(count)) if count > 1 else float("nan")
+    return float(per_image.mean()), stderr
+
+
 def _summarise(prior: torch.Tensor, vb: torch.Tensor, decoder: torch.Tensor) -> BitsPerDim:
     total = prior + vb + decoder
     if not bool(torch.isfinite(total).all()):
         raise FloatingPointError("the bound is not finite for some image: the model output holds NaN or inf")
-    count = total.numel()
-    stderr = float(total.std(unbiased=True) / math.sqrt(count)) if count > 1 else float("nan")
+    mean, stderr = mean_and_stderr(total)
     return BitsPerDim(
-        total=float(total.mean()),
+        total=mean,
         prior=float(prior.mean()),
         vb=float(vb.mean()),
         decoder=float(decoder.mean()),
         stderr=stderr,
-        num_images=count,
+        num_images=total.numel(),
         per_image=total,
     )
 

@@ -1589,11 +1589,9 @@ def _bits_per_dim_shared(
     its own generator seeded ``seed``) and combined from the gathered per-image values on every process. With one
     process this is the estimate over all images with one generator seeded ``seed``. A ``FloatingPointError`` on any
     process is raised on every process, after the gather."""
-    import math
-
     import torch
 
-    from .evaluation import bits_per_dim_estimate
+    from .evaluation import bits_per_dim_estimate, mean_and_stderr
 
     share = _share(list(range(images.shape[0])), accelerator)
     per_image, error = None, None
@@ -1617,9 +1615,7 @@ def _bits_per_dim_shared(
     errors = [error for _, error in shards if error is not None]
     if errors:
         raise FloatingPointError(errors[0])
-    total = torch.cat([values for values, _ in shards if values is not None])
-    stderr = float(total.std() / math.sqrt(total.numel())) if total.numel() > 1 else float("nan")
-    return float(total.mean()), stderr
+    return mean_and_stderr(torch.cat([values for values, _ in shards if values is not None]))
 
 
 def _evaluation_samples(
