@@ -1525,17 +1525,20 @@ def evaluate_during_training(
     metric = "fd" if digits else ("fid" if config.inception_weights is not None else None)
     steps, timesteps = evaluation_steps(config)
     few_steps = evaluation_few_steps(config)
+    several = accelerator is not None and accelerator.num_processes > 1
+
+    def stopped() -> bool:
+        # with several processes a stop is each process's own, so every one still takes part in every gather
+        return not several and stop is not None and stop()
+
     samples = few_step_samples = None
     if metric is not None:
         samples = _evaluation_samples(unet, scheduler, config, num_classes, steps, stop, accelerator)
-        if few_steps and not (stop is not None and stop()):
+        if few_steps and not stopped():
             few_step_samples = _evaluation_samples(
                 unet, scheduler, config, num_classes, few_steps, stop, accelerator
             )
-    several = accelerator is not None and accelerator.num_processes > 1
-    if (
-        stop is not None and stop() and not several
-    ):  # with several processes, every one takes part in the gathers
+    if stopped():
         return {}
     cache = {} if cache is None else cache
     if "reference" not in cache:
