@@ -47,6 +47,7 @@ from .training import (
     LossTerms,
     MixedPrecision,
     TrainingConfig,
+    _evaluation_samples,
     _learning_rate_schedule,
     _TrainLoop,
     command_line,
@@ -697,8 +698,6 @@ class _DistillLoop(_TrainLoop):
         teacher's scheduler is ours), image ``i`` seeded from (``seed``, ``i``) as in training's evaluation."""
         from .data import DigitsDataset
         from .evaluation import SampleQuality, reference_digits
-        from .pipeline_ddpm import DDPMPipeline
-        from .training import sample_shared
 
         steps = self.rounds[self.round_at(max(step - 1, 0))].student_steps
         numbers: dict[str, float] = {"eval_steps": steps}
@@ -711,19 +710,12 @@ class _DistillLoop(_TrainLoop):
         scheduler = student_scheduler(
             self.teacher_info.pipeline.scheduler, self.teacher_info.alphas_cumprod, steps
         )
-        num_classes = self.num_classes
-        images = sample_shared(
-            DDPMPipeline(unet=unet, scheduler=scheduler),
-            list(range(self.config.eval_num_samples)),
-            None,
-            self.stop.requested,
-            seed=self.config.seed,
-            num_inference_steps=steps,
-            class_label_of=None if num_classes is None else (lambda index: index % num_classes),
+        images = _evaluation_samples(
+            unet, scheduler, self.config, self.num_classes, steps, self.stop.requested
         )
         if self.stop.requested():
             return numbers
-        numbers["eval_fd"] = self.evaluation_cache["quality"](images.float() / 127.5 - 1.0)["fd"]
+        numbers["eval_fd"] = self.evaluation_cache["quality"](images)["fd"]
         return numbers
 
     def _evaluation_for_card(self, numbers: dict[str, float]) -> dict[str, str]:
