@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, get_args
 
+from .cpu_memory import keep_freed_memory
+
 DEBUG_ENVIRONMENT_VARIABLE = "DDPM_COMPONENTS_DEBUG"
 """Set to 1 to let errors propagate with their traceback instead of the one-line message."""
 
@@ -1196,6 +1198,10 @@ def _run_analytic(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ main
+_MODEL_COMMANDS = ("sample", "evaluate", "analytic-variance")
+"""Commands that run the model outside the trainer (``train`` and ``distill`` tune memory in their own setup)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="ddpm-components",
@@ -1267,6 +1273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefix = f"ddpm-components {args.command}"
     debug = os.environ.get(DEBUG_ENVIRONMENT_VARIABLE, "") not in ("", "0")
     args.stderr = stderr = _LineEndTracker(sys.stderr)  # progress bars write through it (see _run_sample)
+    if args.command in _MODEL_COMMANDS:
+        keep_freed_memory()  # CPU sampling and training without a page fault per new activation (cpu_memory.py)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as interrupt:

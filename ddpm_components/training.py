@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args, get_type_hints
 
+from .cpu_memory import keep_freed_memory
+
 if TYPE_CHECKING:  # torch is imported where it is used, so that building the command line stays fast
     import torch
 
@@ -2198,6 +2200,7 @@ class _TrainLoop:
         self.is_main = accelerator.is_main_process
         self.previous_threads = torch.get_num_threads()
         if accelerator.device.type == "cpu":
+            keep_freed_memory()  # no page faults for every step's new activations (see cpu_memory.py)
             threads = config.cpu_threads
             if threads is None and "OMP_NUM_THREADS" not in os.environ and _sample_size(config) <= 16:
                 threads = 1
