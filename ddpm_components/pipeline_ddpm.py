@@ -22,6 +22,7 @@ import numbers
 import os
 import re
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -1262,6 +1263,7 @@ class DDPMPipeline(DiffusionPipeline):
             evaluation=evaluation,
         )
         _write_text(folder / "README.md", card)
+        match_file_modes(folder, folder / "model_index.json")
 
     def _components_to_save(self) -> dict[str, Any]:
         # torch.compile's wrapper keeps the model in `_orig_mod` (torch has no public accessor; diffusers'
@@ -2025,6 +2027,20 @@ def _fsync_directory(path: Path) -> None:
             os.fsync(handle)
     finally:
         os.close(handle)
+
+
+def match_file_modes(folder: Path, reference: Path) -> None:
+    """Give every file under ``folder`` the permission bits of ``reference``, a file written there with ``open()`` (so
+    0o666 less the process's umask, or what the folder's default ACL gives). safetensors 0.8 writes through a
+    temporary file created with mode 0o600 and renames it (safetensors issue 782): the weights alone were readable by
+    their owner only, so a model saved as root into a Docker image, or into a shared folder, did not load for anyone
+    else. Nothing happens on systems without POSIX modes."""
+    if os.name != "posix":
+        return
+    mode = stat.S_IMODE(reference.stat().st_mode)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) != mode:
+            os.chmod(path, mode)
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -796,6 +796,9 @@ def _save_checkpoint(
         accelerator.wait_for_everyone()
         if main:
             _atomic_write_text(temporary / RUN_RECORD_NAME, json.dumps(record, indent=2) + "\n")
+            from .pipeline_ddpm import match_file_modes
+
+            match_file_modes(temporary, temporary / RUN_RECORD_NAME)  # safetensors writes 0o600 (see there)
             if final.exists():
                 _remove_tree_atomic(final)
             os.replace(temporary, final)

@@ -7,6 +7,8 @@ subprocess that loads from the loopback Hub.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import diffusers
@@ -167,3 +169,22 @@ def test_component_modules_are_self_contained():
                 continue
             for module in modules:
                 assert module.split(".")[0] in allowed, f"{name} imports {module}"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_saved_file_has_the_umask_mode_the_weights_too(tmp_path: Path, umask: int):
+    """safetensors 0.8 creates its files with mode 0o600 (a temporary file renamed), so the weights alone were
+    unreadable by other users (a model saved as root in a Docker image); a save gives them the umask's mode."""
+    previous = os.umask(umask)
+    try:
+        tiny_pipeline().save_pretrained(tmp_path / "saved")
+    finally:
+        os.umask(previous)
+    modes = {
+        path.relative_to(tmp_path).as_posix(): stat.S_IMODE(path.stat().st_mode)
+        for path in (tmp_path / "saved").rglob("*")
+        if path.is_file()
+    }
+    assert "saved/unet/diffusion_pytorch_model.safetensors" in modes
+    assert set(modes.values()) == {0o666 & ~umask}, modes

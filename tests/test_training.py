@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -287,6 +289,9 @@ def test_tiny_training_run_writes_the_loadable_pipeline_and_records(tmp_path):
         names = {p.name for p in checkpoint.iterdir()}
         assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "run.json"} <= names
         assert {"custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"} <= names  # EMA, step counter
+        # safetensors creates its files 0o600: a checkpoint's files all get the mode of run.json (the umask's)
+        modes = {stat.S_IMODE(p.stat().st_mode) for p in checkpoint.iterdir()}
+        assert os.name != "posix" or modes == {stat.S_IMODE((checkpoint / "run.json").stat().st_mode)}, modes
 
     # the saved configuration (shared with the model) names folders without the local path; one run id
     saved = json.loads((output_dir / "training_config.json").read_text())
