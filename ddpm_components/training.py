@@ -1920,9 +1920,10 @@ class _BackgroundPush:
     temporary folder: a snapshot that later saves cannot change) and uploaded in the background. While an upload
     is still running, the save is skipped (the next K-th save pushes newer weights). A failed upload is one
     warning line. :meth:`wait` lets the final, synchronous push follow the last background one; :meth:`close`
-    joins the thread for a few seconds and otherwise abandons it: the daemon thread dies with the process (its
-    staging folder then stays in the temporary directory), and a cut upload never lands half (a Hub commit is
-    atomic), so the repository keeps its last complete push. In a notebook the abandoned upload simply goes on.
+    joins the thread for a few seconds and otherwise abandons it: the daemon thread dies with the process, and a
+    cut upload never lands half (a Hub commit is atomic), so the repository keeps its last complete push. The
+    abandoned upload's staging folder (a whole copy of the pipeline) is removed when the process exits. In a
+    notebook the abandoned upload simply goes on and removes its folder when it ends.
     """
 
     def __init__(self, config: TrainingConfig, upload: Callable[..., Any] | None = None) -> None:
@@ -1932,6 +1933,7 @@ class _BackgroundPush:
         self.create_repo, self.upload = create_hub_repo, upload or upload_staged_pipeline
         self.saves, self.retry = 0, False
         self.thread: threading.Thread | None = None
+        self.staging: Path | None = None  # the folder of the upload in flight
         self.pushed: list[int] = []  # steps whose upload landed, in order
         self.failed: list[int] = []
         self.skipped: list[int] = []
@@ -1957,6 +1959,7 @@ class _BackgroundPush:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        self.staging = staging
         self.thread = threading.Thread(
             target=self._push, args=(staging, step), name=f"hub-push-{step}", daemon=True
         )
@@ -1995,6 +1998,10 @@ class _BackgroundPush:
         if self.busy():
             self.thread.join(timeout=timeout)
         if self.busy():
+            import atexit
+
+            # the daemon thread will not reach its own clean-up if the process exits first
+            atexit.register(shutil.rmtree, self.staging, ignore_errors=True)
             logger.warning(
                 "a background push to %s was still running and was abandoned (the repository keeps its last "
                 "complete push)",

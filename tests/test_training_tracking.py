@@ -259,7 +259,8 @@ def test_a_failed_background_push_is_one_warning_and_training_completes(tmp_path
 
 def test_sigterm_with_an_upload_in_flight_does_not_hang(tmp_path, hub_server):
     """SIGTERM while a background upload hangs (the Hub holds the commit): the run stops at once with 143; the
-    upload is abandoned (the repository holds no half commit)."""
+    upload is abandoned (the repository holds no half commit), and its staging folder in the temporary directory
+    (a copy of the pipeline) is removed as the process exits."""
     import signal
 
     hub_server.state.hold_commits = threading.Event()
@@ -268,7 +269,10 @@ def test_sigterm_with_an_upload_in_flight_does_not_hang(tmp_path, hub_server):
     command += ["--num-train-timesteps", "20", "--num-inference-steps", "2", "--samples-per-class", "1"]
     command += ["--no-evaluate", "--max-train-steps", "100000", "--save-model-steps", "2"]
     command += ["--push-to-hub", "--hub-model-id", "user/held", "--hub-push-every", "1"]
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
     env = {**hub_server.env, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env["TMPDIR"] = str(temporary)
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in process.stdout:
@@ -287,6 +291,7 @@ def test_sigterm_with_an_upload_in_flight_does_not_hang(tmp_path, hub_server):
     assert stopped_in < 15, stopped_in
     assert "interrupted by SIGTERM" in err and "abandoned" in err, err[-3000:]
     assert hub_server.state.repos["user/held"].messages == []
+    assert not [path.name for path in temporary.iterdir() if path.name.startswith("ddpm-push-")]
 
 
 def test_a_tracker_that_is_not_installed_is_refused(monkeypatch):
