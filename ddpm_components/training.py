@@ -2054,7 +2054,11 @@ def _clip_grad_norm(
             accelerator.unscale_gradients()  # fp16: the scaler's unscale (a no-op otherwise)
             with torch.no_grad():
                 total_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
-                torch._foreach_mul_(grads, torch.clamp(float(max_norm) / (total_norm + 1e-6), max=1.0))
+                factor = torch.clamp(float(max_norm) / (total_norm + 1e-6), max=1.0)
+                # on CPU reading the factor is free (no device to wait for): a factor of exactly 1, the usual case
+                # once training settles, would multiply every gradient by one, so that pass is skipped (same bits)
+                if grads[0].device.type != "cpu" or factor.item() != 1.0:
+                    torch._foreach_mul_(grads, factor)
             return total_norm
     norm = accelerator.clip_grad_norm_(parameters, max_norm)
     return norm if isinstance(norm, torch.Tensor) else None

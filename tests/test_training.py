@@ -709,3 +709,30 @@ def test_bf16_on_a_cpu_without_amx_warns_before_training(monkeypatch, caplog, tm
         _warn_if_bf16_is_slow_here(bf16, cpu)
     warnings = [record.getMessage() for record in caplog.records]
     assert len(warnings) == 1 and "without AMX" in warnings[0] and "--mixed-precision no" in warnings[0]
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6, math.inf])
+@pytest.mark.parametrize("poison", [None, math.nan])
+def test_clipping_equals_torch_clip_grad_norm(max_norm, poison):
+    """_clip_grad_norm is torch's clip_grad_norm_ without its wrappers: the same norm and the same gradient bits, also
+    where it skips multiplying by a factor of exactly 1 (no clipping needed) and where the norm is NaN."""
+    from types import SimpleNamespace
+
+    from ddpm_components.training import _clip_grad_norm
+
+    generator = torch.Generator().manual_seed(0)
+    ours = [
+        torch.randn(shape, generator=generator).requires_grad_() for shape in [(8, 3), (5,), (4, 4, 3, 3)]
+    ]
+    theirs = [parameter.detach().clone().requires_grad_() for parameter in ours]
+    for a, b in zip(ours, theirs):
+        a.grad = torch.randn(a.shape, generator=generator)
+        b.grad = a.grad.clone()
+    if poison is not None:
+        ours[1].grad[0] = theirs[1].grad[0] = poison
+    accelerator = SimpleNamespace(unscale_gradients=lambda: None)
+    norm = _clip_grad_norm(accelerator, ours, max_norm, plain=True)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm, foreach=True)
+    assert torch.equal(norm, expected) or (norm.isnan() and expected.isnan())
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.grad.nan_to_num(7.0), b.grad.nan_to_num(7.0))
