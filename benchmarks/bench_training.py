@@ -10,6 +10,11 @@ Rows (same model size, same batch, same data: the embedded digits, class-conditi
   label dropout, gradient clipping, warm-up schedule, EMA update every step, metrics (everything the
   ``ddpm-components train`` command does per step).
 
+Allocator: ``train()`` on CPU makes glibc's malloc keep freed memory (``ddpm_components/cpu_memory.py``); the plain
+loops run with glibc's defaults. To give every row the same allocator settings, run with
+``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=18446744073709551615`` in the environment (our setting
+then stands aside).
+
 Every row runs in a fresh subprocess (so that its peak memory is its own: peak RSS on CPU,
 ``torch.cuda.max_memory_allocated`` on GPU); rows alternate, ``--repeats`` times, and the table shows the
 median images/s, the ratio to the baseline (above 1: faster than the baseline) and the peak memory.
