@@ -4,6 +4,7 @@ commands turn it on."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,10 +23,14 @@ def _glibc() -> bool:
         return False
 
 
+# the settings, ours and the user's, that would make keep_freed_memory stand aside
+_STAND_ASIDE = (OPT_OUT_VARIABLE, "LD_PRELOAD", "GLIBC_TUNABLES", *cpu_memory._USER_SETTINGS)
+
+
 @pytest.fixture
 def clean_environment(monkeypatch):
-    """No setting of ours or the user's that would make keep_freed_memory stand aside."""
-    for name in (OPT_OUT_VARIABLE, "LD_PRELOAD", "GLIBC_TUNABLES", *cpu_memory._USER_SETTINGS):
+    """None of the settings that would make keep_freed_memory stand aside."""
+    for name in _STAND_ASIDE:
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -53,9 +58,7 @@ _FAULTS_PER_ROUND = textwrap.dedent(
 
 
 def _faults_per_round(mode: str) -> dict:
-    environment = {key: value for key, value in os.environ.items() if key not in cpu_memory._USER_SETTINGS}
-    environment.pop(OPT_OUT_VARIABLE, None)
-    environment.pop("GLIBC_TUNABLES", None)
+    environment = {key: value for key, value in os.environ.items() if key not in _STAND_ASIDE}
     result = subprocess.run(
         [sys.executable, "-c", _FAULTS_PER_ROUND, mode],
         capture_output=True,
@@ -64,8 +67,6 @@ def _faults_per_round(mode: str) -> dict:
         timeout=120,
         check=True,
     )
-    import json
-
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
