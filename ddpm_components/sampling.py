@@ -281,6 +281,17 @@ class SampleOutputs:
         done = self.done_indices()
         return [index for index in range(self.num_images) if index not in done]
 
+    def interrupted_summary(self) -> str:
+        """What an interrupted run leaves, for its one line: the images kept and how to finish them."""
+        folder = self._record_folder
+        if folder is None:
+            return "nothing was written"
+        kept = len(self.done_indices())
+        return (
+            f"{kept} of {self.num_images} images are kept in {str(folder)!r}; the same command samples the other "
+            f"{self.num_images - kept}"
+        )
+
     def write(self, indices: list[int], images: torch.Tensor, process_index: int = 0) -> None:
         """Write one batch (``images`` uint8 ``(N, C, H, W)``) atomically: PNGs, or one shard."""
         import io

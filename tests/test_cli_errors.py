@@ -325,8 +325,50 @@ def test_ctrl_c_in_process_is_one_line_with_exit_code_130(models, workdir, monke
     monkeypatch.setattr(DDPMPipeline, "__call__", interrupted)
     before = _tree(workdir)
     code, err = _cli(["sample", "--model", str(models["unconditional"]), "--out", "grid.png"], capsys)
-    assert (code, err) == (130, ["ddpm-components sample: interrupted"])
+    assert (code, err) == (130, ["ddpm-components sample: interrupted; nothing was written"])
     assert _tree(workdir) == before
+
+
+@pytest.mark.parametrize("where", ["--out-dir", "--out"])
+def test_ctrl_c_in_sample_says_what_is_kept_and_the_same_command_finishes(
+    where, models, workdir, monkeypatch, capsys
+):
+    """An interrupt after the first of two batches: the line counts the images kept and says how to finish; the
+    same command then samples only the rest, and the result equals an uninterrupted run's."""
+    target = {"--out-dir": "pngs", "--out": "grid.npz"}[where]
+    args = ["sample", "--model", str(models["unconditional"]), "--num-images", "4", "--batch-size", "2",
+            "--steps", "2", where, target]  # fmt: skip
+    original_call = DDPMPipeline.__call__
+    calls = []
+
+    def interrupted_at_the_second_batch(self, *call_args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original_call(self, *call_args, **kwargs)
+
+    monkeypatch.setattr(DDPMPipeline, "__call__", interrupted_at_the_second_batch)
+    code, err = _cli(args, capsys, progress=True)
+    kept_in = {"--out-dir": "pngs", "--out": ".grid.npz.shards"}[where]
+    assert (code, err) == (
+        130,
+        [f"ddpm-components sample: interrupted; 2 of 4 images are kept in '{kept_in}'; the same command samples "
+         "the other 2"],
+    )  # fmt: skip
+    assert _cli(args, capsys, progress=True) == (0, [])
+    assert len(calls) == 3  # the rerun sampled the second batch only
+    monkeypatch.setattr(DDPMPipeline, "__call__", original_call)
+    uninterrupted = ["--out-dir", "again"] if where == "--out-dir" else ["--out", "again.npz"]
+    assert _cli(args[:-2] + uninterrupted, capsys, progress=True) == (0, [])
+    if where == "--out-dir":
+        for index in range(4):
+            assert np.array_equal(
+                np.asarray(Image.open(f"pngs/{index:06d}.png")),
+                np.asarray(Image.open(f"again/{index:06d}.png")),
+            )
+    else:
+        with np.load("grid.npz") as resumed, np.load("again.npz") as whole:
+            assert np.array_equal(resumed["arr_0"], whole["arr_0"])
 
 
 def test_a_bug_is_one_line_that_says_how_to_see_the_traceback(models, workdir, monkeypatch, capsys):
@@ -452,10 +494,10 @@ def test_ctrl_c_during_sampling_in_a_real_process(workdir):
     text = "".join(stderr)
     assert process.returncode == 130, text
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
-    assert text.rstrip("\n").splitlines()[-1] == "ddpm-components sample: interrupted"
+    assert text.rstrip("\n").splitlines()[-1] == "ddpm-components sample: interrupted; nothing was written"
     # besides the progress bar (carriage returns), the interrupt line is the only thing on stderr
     assert [line for line in text.splitlines() if line.strip() and "%|" not in line] == [
-        "ddpm-components sample: interrupted"
+        "ddpm-components sample: interrupted; nothing was written"
     ]
     assert time.monotonic() - sent < 30
     assert _tree(workdir) == before  # no samples.png, no temporary file
