@@ -63,7 +63,15 @@ def load_pipeline(model: str | Path, *, trust_remote_code: bool = False, **kwarg
     if _is_local_path(text):
         not_hub = "" if is_repo_id(text) else ", and it is not a Hub repo id (namespace/name)"
         raise FileNotFoundError(f"--model {text!r}: no such folder{not_hub}{_close_match_hint(text)}")
-    return DDPMPipeline.from_pretrained(text, trust_remote_code=trust_remote_code, **kwargs)
+    try:
+        return DDPMPipeline.from_pretrained(text, trust_remote_code=trust_remote_code, **kwargs)
+    except HubError as error:
+        local = _close_match_hint(text)  # "bsae" beside a folder "base": more likely a typo than a Hub repo
+        if local.startswith("; did you mean "):
+            raise HubError(
+                f"{error}; or did you mean the local folder {local.removeprefix('; did you mean ')}"
+            ) from error
+        raise
 
 
 def _is_local_path(text: str) -> bool:

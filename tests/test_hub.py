@@ -198,12 +198,14 @@ def test_hub_unreachable_gives_clear_errors(tmp_path: Path, run_python):
     env = hub_env(f"http://127.0.0.1:{port}", tmp_path, token=DUMMY_TOKEN)
     result = run_python(
         f"""
-        import contextlib, io, json
+        import contextlib, io, json, os
         from ddpm_components.cli import main
+        os.chdir({str(tmp_path)!r})
         results = {{}}
         for name, args in [
             ("push", ["push", "--model", {str(local)!r}, "--repo-id", "user/x", "--num-sample-images", "0"]),
             ("sample", ["sample", "--model", "user/x", "--num-images", "1", "--steps", "1", "--out", "x.png"]),
+            ("typo", ["sample", "--model", "locl", "--num-images", "1", "--steps", "1", "--out", "x.png"]),
         ]:
             err = io.StringIO()
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -215,9 +217,11 @@ def test_hub_unreachable_gives_clear_errors(tmp_path: Path, run_python):
         block_package=False,
     )
     results = json.loads(result.stdout.split("RESULTS", 1)[1])
-    for name in ("push", "sample"):
+    for name in ("push", "sample", "typo"):
         assert results[name]["code"] == 1, results[name]
         assert f"could not reach the Hub at http://127.0.0.1:{port}" in results[name]["stderr"], results[name]
         assert "check your network connection" in results[name]["stderr"]
         assert len(results[name]["stderr"].splitlines()) == 1, results[name]["stderr"]
+        # a bare name that is a Hub id in form but close to a local folder: the typo is suggested too
+        assert ("or did you mean the local folder 'local'?" in results[name]["stderr"]) == (name == "typo")
     assert _tree_digest(local) == digest
