@@ -527,7 +527,7 @@ def torch_cat_one(alphas_cumprod: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------- the loop
 class _ModuleState:
-    """A module's weights as a checkpointed object (``accelerator.register_for_checkpointing``): the teacher."""
+    """A module's weights as a checkpointed object (``_TrainLoop.checkpointed_objects``): the teacher."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.module = module
@@ -580,10 +580,7 @@ class _DistillLoop(_TrainLoop):
         teacher = copy.deepcopy(self.teacher_info.pipeline.unet).to(self.accelerator.device)
         teacher.eval().requires_grad_(False)
         self.teacher = teacher
-        self.accelerator.register_for_checkpointing(_ModuleState(teacher))
-
-    def _num_checkpointed_objects(self) -> int:
-        return super()._num_checkpointed_objects() + 1
+        self.checkpointed_objects.append(_ModuleState(teacher))
 
     def _run_record(self, unet: Any) -> dict[str, Any]:
         record = super()._run_record(unet)

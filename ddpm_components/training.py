@@ -775,10 +775,15 @@ def _fsync_directory(path: Path) -> None:
 
 
 def _save_checkpoint(
-    accelerator: Any, output_dir: Path, step: int, keep: int | None, record: dict[str, Any]
+    accelerator: Any,
+    output_dir: Path,
+    step: int,
+    keep: int | None,
+    record: dict[str, Any],
+    objects: list[Any],
 ) -> Path:
-    """``accelerator.save_state`` and the run ``record`` into a temporary folder, then rename it to
-    ``checkpoint-<step>``.
+    """``accelerator.save_state``, the checkpointed ``objects`` (:func:`_save_objects`) and the run ``record`` into a
+    temporary folder, then rename it to ``checkpoint-<step>``.
 
     Every process writes its part (its RNG state) into the same temporary folder; after a barrier only
     the main process renames it and prunes checkpoints beyond the newest ``keep`` (``None`` or 0: keep all),
@@ -795,6 +800,7 @@ def _save_checkpoint(
         accelerator.save_state(str(temporary))
         accelerator.wait_for_everyone()
         if main:
+            _save_objects(objects, temporary)
             _atomic_write_text(temporary / RUN_RECORD_NAME, json.dumps(record, indent=2) + "\n")
             from .pipeline_ddpm import match_file_modes
 
@@ -812,6 +818,66 @@ def _save_checkpoint(
         raise
     accelerator.wait_for_everyone()
     return final
+
+
+def _save_objects(objects: list[Any], folder: Path) -> None:
+    """Each object's ``state_dict()`` (the EMA, the step counter, distillation's teacher) as
+    ``custom_checkpoint_<index>.pkl``: the files and format of ``accelerator.register_for_checkpointing``, which we
+    do not use because its ``load_state`` unpickles them with ``weights_only=False``, so a shared checkpoint could
+    run code. :func:`_load_objects` reads them back."""
+    import torch
+
+    for index, obj in enumerate(objects):
+        torch.save(obj.state_dict(), folder / _object_file_name(index))
+
+
+def _load_objects(objects: list[Any], folder: Path) -> None:
+    """Restore what :func:`_save_objects` wrote (or accelerate, for checkpoints of earlier versions) with torch's
+    weights-only unpickler: tensors, numbers, strings and containers of them load, anything else is refused."""
+    import pickle
+
+    import torch
+
+    for index, obj in enumerate(objects):
+        path = folder / _object_file_name(index)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            found = re.search(r"GLOBAL ([\w.]+)", str(error))
+            what = f" (it calls {found.group(1)})" if found else ""
+            raise ValueError(
+                f"cannot resume from {str(folder)!r}: {path.name} holds more than tensors and numbers{what}; it is "
+                "refused because unpickling it could run code, and ddpm-components never writes such a file"
+            ) from None
+        obj.load_state_dict(state)
+
+
+def _object_file_name(index: int) -> str:
+    return f"custom_checkpoint_{index}.pkl"
+
+
+_OBJECT_FILE = re.compile(r"custom_checkpoint_\d+\.pkl")
+
+
+@contextlib.contextmanager
+def _without_objects(folder: Path) -> Iterator[Path]:
+    """A temporary view of checkpoint ``folder`` without the checkpointed objects' files, for
+    ``accelerator.load_state``: it unpickles every ``custom_checkpoint_*.pkl`` it finds with ``weights_only=False``
+    (and refuses a folder with more of them than registered objects), so it must not see them; everything else
+    (weights, optimizer and RNG states) it loads with the weights-only unpickler. The view links the files (copies
+    them where links are not allowed) and is removed afterwards; ``folder`` is only read."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ddpm-components-resume-") as view:
+        for entry in folder.iterdir():
+            if _OBJECT_FILE.fullmatch(entry.name):
+                continue
+            target, link = entry.resolve(), Path(view) / entry.name
+            try:
+                os.symlink(target, link, target_is_directory=target.is_dir())
+            except OSError:  # e.g. Windows without the privilege to create symbolic links
+                (shutil.copytree if target.is_dir() else shutil.copy2)(target, link)
+        yield Path(view)
 
 
 def _clean_stale_folders(output_dir: Path) -> None:
@@ -1384,7 +1450,7 @@ class _StepSeeds:
 
 
 class _Progress:
-    """The step counter, saved and restored with every checkpoint (``register_for_checkpointing``)."""
+    """The step counter, saved and restored with every checkpoint (``_TrainLoop.checkpointed_objects``)."""
 
     def __init__(self) -> None:
         self.global_step = 0
@@ -2328,11 +2394,13 @@ class _TrainLoop:
             and self.plain_gradients
             and all(parameter.requires_grad for parameter in self.unwrapped_parameters)
         )
+        # saved and restored with every checkpoint (_save_objects, _load_objects), in this order
+        self.checkpointed_objects: list[Any] = []
         if self.ema is not None:
             self.ema.to(accelerator.device)
-            accelerator.register_for_checkpointing(self.ema)
+            self.checkpointed_objects.append(self.ema)
         self.progress = _Progress()
-        accelerator.register_for_checkpointing(self.progress)
+        self.checkpointed_objects.append(self.progress)
         self.run_record = self._run_record(unet)
 
     def _new_model(self) -> tuple[Any, Any]:
@@ -2391,14 +2459,16 @@ class _TrainLoop:
                 accelerator.print(f"no checkpoint in {config.output_dir}: starting from step 0")
         else:
             files = ["model.safetensors", "optimizer.bin", f"random_states_{accelerator.process_index}.pkl"]
-            files += [f"custom_checkpoint_{index}.pkl" for index in range(self._num_checkpointed_objects())]
+            files += [_object_file_name(index) for index in range(len(self.checkpointed_objects))]
             saved = check_resume(
                 self.resume_path, self.run_record, self.folder.run_id, config.max_train_steps, files
             )
             self.run_id = saved[RUN_ID_KEY]
             accelerator.print(f"resuming from {self.resume_path}")
+            _load_objects(self.checkpointed_objects, self.resume_path)  # first: it refuses unsafe files
             try:
-                accelerator.load_state(str(self.resume_path))
+                with _without_objects(self.resume_path) as view:
+                    accelerator.load_state(str(view))
             except Exception as error:
                 raise ValueError(
                     f"cannot resume from {str(self.resume_path)!r}: loading it failed ({type(error).__name__}: "
@@ -2410,10 +2480,6 @@ class _TrainLoop:
         self.start_step = self.progress.global_step
         self.lr_scheduler = _learning_rate_schedule(config, self.optimizer, self.start_step)
         self.stop.raise_if_requested()
-
-    def _num_checkpointed_objects(self) -> int:
-        """How many objects :meth:`_build_model` registered for checkpointing (the EMA and the step counter)."""
-        return 2 if self.ema is not None else 1
 
     def resume_command(self, **changes: Any) -> str:
         """The command line that continues this run (see :func:`resume_command`)."""
@@ -2594,7 +2660,14 @@ class _TrainLoop:
         """A resumable checkpoint, only of finite weights (so the newest checkpoint is always a good one)."""
         self.check_finite(step)
         record = {RUN_ID_KEY: self.run_id, "step": step, **self.run_record}
-        _save_checkpoint(self.accelerator, self.output_dir, step, self.config.checkpoints_total_limit, record)
+        _save_checkpoint(
+            self.accelerator,
+            self.output_dir,
+            step,
+            self.config.checkpoints_total_limit,
+            record,
+            self.checkpointed_objects,
+        )
 
     def check_finite(self, step: int) -> None:
         """Raise :class:`TrainingDiverged` unless the weights (and EMA weights) and the loss terms since the last

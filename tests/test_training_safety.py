@@ -245,6 +245,36 @@ def test_resume_refuses_what_does_not_match_before_anything_is_written(run_copy,
     assert snapshot(run_copy) == before
 
 
+class _OpensAFile:
+    """Unpickled, it calls ``open(path, "w")``: a stand-in for a shared checkpoint that runs code when loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+@pytest.mark.parametrize("index", [0, 1])  # the EMA's file and the step counter's
+def test_resume_refuses_a_checkpoint_file_that_would_run_code(run_copy, tmp_path, index):
+    """The checkpointed objects load with torch's weights-only unpickler, here and from a checkpoint shared into a
+    new folder: a file that calls a function when unpickled is refused and the call never runs (accelerate's
+    load_state unpickled these files with weights_only=False, and the file was opened)."""
+    marker = tmp_path / "code-ran"
+    torch.save({"state": _OpensAFile(marker)}, run_copy / "checkpoint-4" / f"custom_checkpoint_{index}.pkl")
+    before = snapshot(run_copy)
+    for output_dir, resume in ((run_copy, "latest"), (tmp_path / "fresh", str(run_copy / "checkpoint-4"))):
+        message = (
+            rf"custom_checkpoint_{index}\.pkl holds more than tensors and numbers \(it calls [\w.]*open\); it is "
+            "refused because unpickling it could run code"
+        )
+        with pytest.raises(ValueError, match=message):
+            train(tiny_config(output_dir, resume=resume, max_train_steps=6))
+        assert not marker.exists()
+    assert snapshot(run_copy) == before
+    assert not (tmp_path / "fresh").exists()
+
+
 def test_resume_refuses_other_data(tmp_path):
     images = image_folder(tmp_path / "images")
     train(
