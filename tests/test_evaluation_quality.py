@@ -77,12 +77,18 @@ def test_fd_refuses_other_images():
 
 @pytest.mark.slow
 def test_the_classifier_script_reproduces_an_accurate_network():
+    """Retraining gives a network equivalent to the shipped one. Not the same weights everywhere: on the CPU kind
+    that trained them (an Intel Xeon) they matched to 1e-4, but another CPU's kernels round differently and 60 epochs
+    amplify it (up to 0.33 apart on an AMD EPYC, with identical predictions), so the predictions are compared."""
     model, test_accuracy = train_digits_classifier(epochs=60)
     assert test_accuracy >= 0.97
     shipped = load_digits_classifier()
-    differences = [float((p - q).abs().max()) for p, q in zip(model.parameters(), shipped.parameters())]
-    assert max(differences) < 1e-4, (
-        "retraining on this torch version gives other weights than the shipped ones"
+    images, _ = digits_tensor(8)
+    test = digits_split_indices("test")
+    with torch.no_grad():
+        agreement = (model(images[test]).argmax(1) == shipped(images[test]).argmax(1)).double().mean()
+    assert agreement >= 0.98, (
+        f"the retrained classifier agrees with the shipped one on {float(agreement):.1%}"
     )
 
 
