@@ -84,11 +84,13 @@ DEBUG_FOLDER = "debug"
 LOGS_FOLDER = "logs"
 _TRACKER_PROJECT = "ddpm-components"  # accelerate's trackers log into logs/<project>
 _DEBUG_FILES = ("sample_indices.jsonl", "parameter_checksums.json")
-#: the files accelerate.save_state writes for our loop (and our run record): a checkpoint folder holding
-#: anything else was not written by us and is never deleted
+#: the checkpointed objects' files (``_save_objects``: EMA, step counter, teacher), named as accelerate names them
+_OBJECT_FILE = re.compile(r"custom_checkpoint_\d+\.pkl")
+#: the files accelerate.save_state writes for our loop (and our objects and run record): a checkpoint folder
+#: holding anything else was not written by us and is never deleted
 _CHECKPOINT_FILE = re.compile(
     r"(model|pytorch_model|optimizer|scheduler|sampler|dl_state_dict)(_\d+)?\.(safetensors|bin)"
-    r"|random_states_\d+\.pkl|custom_checkpoint_\d+\.pkl|scaler\.pt|" + re.escape(RUN_RECORD_NAME)
+    rf"|random_states_\d+\.pkl|{_OBJECT_FILE.pattern}|scaler\.pt|" + re.escape(RUN_RECORD_NAME)
 )
 _SAMPLE_FILE = re.compile(r"step-\d+\.png")
 # what accelerate's TensorBoard tracker writes into logs/<project>: event files, and add_hparams' and accelerate's
@@ -853,10 +855,8 @@ def _load_objects(objects: list[Any], folder: Path) -> None:
 
 
 def _object_file_name(index: int) -> str:
+    """The file of the ``index``-th checkpointed object (a name :data:`_OBJECT_FILE` matches)."""
     return f"custom_checkpoint_{index}.pkl"
-
-
-_OBJECT_FILE = re.compile(r"custom_checkpoint_\d+\.pkl")
 
 
 @contextlib.contextmanager
