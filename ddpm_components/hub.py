@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .pipeline_ddpm import SAMPLE_GRID_NAME, TRAINING_CONFIG_NAME, DDPMPipeline, HubError
 
@@ -66,11 +66,11 @@ def load_pipeline(model: str | Path, *, trust_remote_code: bool = False, **kwarg
     try:
         return DDPMPipeline.from_pretrained(text, trust_remote_code=trust_remote_code, **kwargs)
     except HubError as error:
-        local = _close_match_hint(text)  # "bsae" beside a folder "base": more likely a typo than a Hub repo
-        if local.startswith("; did you mean "):
-            raise HubError(
-                f"{error}; or did you mean the local folder {local.removeprefix('; did you mean ')}"
-            ) from error
+        guess = _close_local_match(
+            text
+        ).guess  # "bsae" beside a folder "base": more likely a typo than a Hub repo
+        if guess is not None:
+            raise HubError(f"{error}; or did you mean the local folder {str(guess)!r}?") from error
         raise
 
 
@@ -82,28 +82,48 @@ def _is_local_path(text: str) -> bool:
     return len(parts) > 1 and os.path.lexists(parts[0])  # "runs/digts" beside a folder "runs"
 
 
-def _close_match_hint(text: str) -> str:
-    """``"; did you mean 'runs/digits'?"`` for the existing name closest to the first missing part of ``text``."""
+class _LocalMatch(NamedTuple):
+    """What exists of a local path that does not: the closest existing name, or the folder that lacks it."""
+
+    guess: Path | None = None  # the existing path closest to the one given
+    parent: Path | None = (
+        None  # else the deepest existing folder of the path given (not the working folder) ...
+    )
+    missing: str = ""  # ... and its missing sub-folder
+
+
+def _close_local_match(text: str) -> _LocalMatch:
+    """The existing name closest to the first missing part of ``text`` (``runs/digts``: ``runs/digits``)."""
     parts = Path(text).expanduser().parts
     known = 0
     while known < len(parts) and os.path.isdir(Path(*parts[: known + 1])):
         known += 1
     if known == len(parts):
-        return ""
+        return _LocalMatch()
     parent = Path(*parts[:known]) if known else Path(".")
     try:
         names = sorted(
             entry.name for entry in os.scandir(parent) if entry.is_dir() and not entry.name.startswith(".")
         )
     except OSError:
-        return ""
+        return _LocalMatch()
     matches = difflib.get_close_matches(parts[known], names, n=1, cutoff=0.6)
     if not matches:
-        return f"; {str(parent)!r} has no sub-folder {parts[known]!r}" if known else ""
+        return _LocalMatch(parent=parent, missing=parts[known]) if known else _LocalMatch()
     guess = Path(*parts[:known], matches[0])
     if Path(*parts[:known], matches[0], *parts[known + 1 :]).exists():
         guess = Path(*parts[:known], matches[0], *parts[known + 1 :])
-    return f"; did you mean {str(guess)!r}?"
+    return _LocalMatch(guess=guess)
+
+
+def _close_match_hint(text: str) -> str:
+    """``"; did you mean 'runs/digits'?"`` (or ``"; 'runs' has no sub-folder 'zebra'"``) for a missing path."""
+    match = _close_local_match(text)
+    if match.guess is not None:
+        return f"; did you mean {str(match.guess)!r}?"
+    if match.parent is not None:
+        return f"; {str(match.parent)!r} has no sub-folder {match.missing!r}"
+    return ""
 
 
 def _load_local_folder(path: Path, **kwargs: Any) -> DDPMPipeline:
