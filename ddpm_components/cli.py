@@ -704,7 +704,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     init_image = _check_sample_options(args)
     device = _torch_device(args.device)
     from .hub import load_pipeline
-    from .sampling import SampleOutputs, SchedulerSpec
+    from .sampling import SampleOutputs, SchedulerSpec, sample_batches
 
     state = _sampling_processes()
     pipeline = load_pipeline(args.model, trust_remote_code=args.trust_remote_code)
@@ -757,8 +757,21 @@ def _run_sample(args: argparse.Namespace) -> int:
     todo = outputs.todo()
     _barrier(state)  # every process has its list before any image is written
     rank, world = (0, 1) if state is None else (state.process_index, state.num_processes)
+    class_label_of = None if labels is None else (lambda index: labels[index if len(labels) > 1 else 0])
     try:
-        _sample_into(outputs, pipeline, todo[rank::world], labels, args, is_main, rank, call_kwargs)
+        for indices, images in sample_batches(
+            pipeline,
+            todo[rank::world],
+            seed=args.seed,
+            num_inference_steps=args.steps,
+            batch_size=args.batch_size,
+            class_label_of=class_label_of,
+            guidance_scale=args.guidance_scale,
+            show_progress=is_main,
+            progress_file=getattr(args, "stderr", sys.stderr),
+            **call_kwargs,
+        ):
+            outputs.write(indices, images, rank)
     except KeyboardInterrupt:
         args.interrupted_summary = outputs.interrupted_summary()  # main() prints it after "interrupted"
         raise
@@ -774,34 +787,6 @@ def _run_sample(args: argparse.Namespace) -> int:
             f"wrote {' and '.join(written)} ({args.num_images} images{resumed}, {args.steps} steps, seed {args.seed})"
         )
     return 0
-
-
-def _sample_into(
-    outputs: Any,
-    pipeline: Any,
-    indices: list[int],
-    labels: list[Any] | None,
-    args: argparse.Namespace,
-    is_main: bool,
-    rank: int,
-    call_kwargs: dict[str, Any],
-) -> None:
-    """Sample the images ``indices`` (this process's share) in batches and write each batch as it is done."""
-    from .sampling import sample_batches
-
-    for batch_indices, images in sample_batches(
-        pipeline,
-        indices,
-        seed=args.seed,
-        num_inference_steps=args.steps,
-        batch_size=args.batch_size,
-        class_label_of=None if labels is None else (lambda index: labels[index if len(labels) > 1 else 0]),
-        guidance_scale=args.guidance_scale,
-        show_progress=is_main,
-        progress_file=getattr(args, "stderr", sys.stderr),
-        **call_kwargs,
-    ):
-        outputs.write(batch_indices, images, rank)
 
 
 def _sample_settings(args: argparse.Namespace) -> dict[str, Any]:
