@@ -275,7 +275,7 @@ class SampleOutputs:
             }
         if self.shards is None or not self.shards.is_dir():
             return set()
-        return {index for indices, _ in self._read_shards() for index in indices.tolist()}
+        return {index for (indices,) in self._read_shards("indices") for index in indices.tolist()}
 
     def todo(self) -> list[int]:
         done = self.done_indices()
@@ -310,13 +310,14 @@ class SampleOutputs:
             np.savez(buffer, indices=np.asarray(indices, dtype=np.int64), images=images.numpy())
             atomic_write_bytes(self.shards / f"shard-{indices[0]:06d}-{process_index}.npz", buffer.getvalue())
 
-    def _read_shards(self) -> list[tuple[Any, Any]]:
+    def _read_shards(self, *arrays: str) -> list[tuple[Any, ...]]:
+        """The ``arrays`` (default ``indices`` and ``images``) of every shard; an npz reads only those asked for."""
         import numpy as np
 
         shards = []
         for path in sorted(self.shards.glob("shard-*.npz")):
             with np.load(path) as data:
-                shards.append((data["indices"], data["images"]))
+                shards.append(tuple(data[name] for name in arrays or ("indices", "images")))
         return shards
 
     def _all_images(self) -> torch.Tensor:
